@@ -1,0 +1,39 @@
+"""Errors the user can fix, and how entry points report them.
+
+A `UserError` is raised wherever bad input is detected (impossible shapes, missing files, an
+incompatible teacher and student, a corrupt checkpoint). Entry points turn it into one line on
+stderr that names the problem and the fix, and a non-zero exit; `HYDRA_FULL_ERROR=1` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+EXIT_USER_ERROR = 2
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """Bad input with a known fix; the message is one line: the problem, then the fix."""
+
+
+def report_user_errors(func: F) -> F:
+    """Decorator for entry points: print a `UserError` as one line and exit non-zero."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"lmdistill: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper  # type: ignore[return-value]
