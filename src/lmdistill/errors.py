@@ -30,10 +30,26 @@ def report_user_errors(func: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except UserError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except Exception as err:
+            user_error = _as_user_error(err)
+            if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"lmdistill: error: {err}", file=sys.stderr, flush=True)
+            print(f"lmdistill: error: {user_error}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _as_user_error(err: BaseException) -> UserError | None:
+    """The `UserError` behind `err` (config resolvers and Hydra wrap it), or a missing value."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        if isinstance(seen, MissingMandatoryValue):
+            key = getattr(seen, "full_key", None) or "a required field"
+            return UserError(f"no value given for {key}; set it on the command line: {key}=...")
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -1,0 +1,174 @@
+"""lmdistill-distill: distil a teacher into a student, export it, write summary.json.
+
+    lmdistill-distill teacher=minilm-l6-local student=L3-H384 method=minilm_v2 trainer.max_steps=300
+    lmdistill-distill -m student=L3-H384,L4-H384 method=minilm_v1,minilm_v2
+
+Composes the config, instantiates teacher, student, method and data, fits with Lightning,
+exports the student and writes the summary. Everything else lives in the objects it builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lmdistill import __version__
+from lmdistill.errors import UserError, report_user_errors
+from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
+from lmdistill.models import build_student, encoder_gflops, export_student, load_teacher
+from lmdistill.resources import CONF_DIR, register_resolvers
+
+log = logging.getLogger("lmdistill")
+register_resolvers()
+
+
+def teacher_dtype(setting: str, precision: str) -> torch.dtype:
+    """The teacher's weight dtype: `auto` follows the training precision."""
+    if setting != "auto":
+        if setting not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"unknown teacher.dtype '{setting}'; use auto, float32, bfloat16 or float16")
+        return getattr(torch, setting)
+    if precision.startswith("bf16") or (precision.startswith("16") and not torch.cuda.is_available()):
+        return torch.bfloat16  # Lightning runs 16-mixed as bf16 on CPU
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def build(cfg: DictConfig):
+    """Instantiate (module, datamodule, trainer) from a composed config."""
+    precision = str(cfg.trainer.precision)
+    if precision.startswith("16") and not torch.cuda.is_available():
+        log.warning("trainer.precision=16-mixed has no effect on CPU: Lightning runs it as bf16-mixed")
+    teacher = load_teacher(
+        cfg.teacher.name_or_path,
+        layer=cfg.method.get("teacher_layer"),
+        revision=cfg.teacher.revision,
+        trust_remote_code=cfg.teacher.trust_remote_code,
+        dtype=teacher_dtype(cfg.teacher.dtype, precision),
+    )
+    shape = {k: v for k, v in cfg.student.items() if k not in ("relation_site", "init_from_teacher")}
+    student = build_student(
+        teacher.config, **shape, init_from_teacher=teacher.model if cfg.student.init_from_teacher else None
+    )
+    module = instantiate(
+        cfg.method, teacher=teacher, student=student, optim=OmegaConf.to_container(cfg.optim), _convert_="all"
+    )
+    datamodule = instantiate(cfg.data, _convert_="all")
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=cfg.paths.output_dir)
+    return module, datamodule, trainer
+
+
+def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict:
+    """The run's summary.json (DESIGN.md contract)."""
+    student = module.student.config
+    losses = module.loss_history
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return {
+        "method": choices.get("method", cfg.method._target_.rsplit(".", 1)[-1]),
+        "teacher": {"name_or_path": cfg.teacher.name_or_path, "layer": module.teacher.layer,
+                    "hidden_size": module.teacher.hidden_size},  # fmt: skip
+        "student": {
+            "num_hidden_layers": student.num_hidden_layers,
+            "hidden_size": student.hidden_size,
+            "num_attention_heads": student.num_attention_heads,
+            "intermediate_size": student.intermediate_size,
+            "params": sum(p.numel() for p in module.student.parameters()),
+            "gflops": round(encoder_gflops(student.num_hidden_layers, student.hidden_size,
+                                           student.intermediate_size, 128), 4),  # fmt: skip
+        },
+        "steps": trainer.global_step,
+        "tokens_seen": module.tokens_seen,
+        "loss_first": module.loss_first,
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,  # mean of last 10
+        "tokens_per_second": round(module.tokens_per_second, 1),
+        "global_batch_size": cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
+        "precision": str(trainer.precision),
+        "reduction": getattr(module, "reduction", None),
+        "relation_heads": getattr(module, "relation_heads", None),
+        "relation_site": module.relation_site,
+        "seed": cfg.seed,
+        "export_dir": str(export_dir) if export_dir else None,
+        "lmdistill_version": __version__,
+    }
+
+
+def run(cfg: DictConfig) -> dict:
+    """Distil, export and summarise one configuration; returns the summary."""
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    module, datamodule, trainer = build(cfg)
+    if checkpoint is not None:
+        check_checkpoint_matches(checkpoint, module, cfg.ckpt_path)
+        del checkpoint
+    export_dir = out_dir / "student" if cfg.export else None
+    if export_dir is not None and export_dir.exists():
+        raise UserError(f"{export_dir} already exists; run in a fresh output directory")
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")  # the final state, resumable
+    finally:
+        _finish_wandb(trainer)
+    if not trainer.is_global_zero:
+        return {}
+    if export_dir is not None:
+        export_student(module.student, cfg.data.tokenizer, export_dir, provenance(cfg, module, trainer))
+    summary = summarize(cfg, module, trainer, export_dir)
+    write_json_atomic(out_dir / "summary.json", summary)
+    log.info(
+        "loss %.4f -> %.4f over %d steps; student: %s; summary: %s",
+        summary["loss_first"] or float("nan"), summary["final_loss"] or float("nan"),
+        summary["steps"], export_dir, out_dir / "summary.json",
+    )  # fmt: skip
+    return summary
+
+
+def provenance(cfg: DictConfig, module, trainer) -> dict:
+    """Where the exported student came from."""
+    data = {k: cfg.data.get(k) for k in ("source", "paths", "hf_path", "hf_name", "max_seq_length")}
+    return {
+        "lmdistill_version": __version__,
+        "teacher": cfg.teacher.name_or_path,
+        "teacher_layer": module.teacher.layer,
+        "method": cfg.method._target_,
+        "relation_heads": getattr(module, "relation_heads", None),
+        "relation_site": module.relation_site,
+        "reduction": getattr(module, "reduction", None),
+        "untrained_parameters": module.frozen_parameters,
+        "data": OmegaConf.to_container(OmegaConf.create(data), resolve=True),
+        "steps": trainer.global_step,
+        "tokens_seen": module.tokens_seen,
+        "seed": cfg.seed,
+    }
+
+
+def _finish_wandb(trainer) -> None:
+    """Close W&B runs so the next job of a multirun gets its own run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

