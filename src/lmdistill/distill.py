@@ -10,6 +10,7 @@ exports the student and writes the summary. Everything else lives in the objects
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -23,10 +24,14 @@ from lmdistill import __version__
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
 from lmdistill.models import build_student, encoder_gflops, export_student, load_teacher
+from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
 
 log = logging.getLogger("lmdistill")
 register_resolvers()
+# Deprecation notices raised inside torchdata and Lightning themselves; nothing for users to act on.
+warnings.filterwarnings("ignore", message=".*set_vital.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 def teacher_dtype(setting: str, precision: str) -> torch.dtype:
@@ -58,9 +63,8 @@ def build(cfg: DictConfig):
     student = build_student(
         teacher.config, **shape, init_from_teacher=teacher.model if cfg.student.init_from_teacher else None
     )
-    module = instantiate(
-        cfg.method, teacher=teacher, student=student, optim=OmegaConf.to_container(cfg.optim), _convert_="all"
-    )
+    method = instantiate(cfg.method, _partial_=True, _convert_="all")  # objects are passed below
+    module = method(teacher=teacher, student=student, optim=OmegaConf.to_container(cfg.optim))
     datamodule = instantiate(cfg.data, _convert_="all")
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
@@ -118,13 +122,15 @@ def run(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")  # the final state, resumable
+        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full state
     finally:
         _finish_wandb(trainer)
     if not trainer.is_global_zero:
         return {}
     if export_dir is not None:
-        export_student(module.student, cfg.data.tokenizer, export_dir, provenance(cfg, module, trainer))
+        with quiet_transformers():
+            export_student(    module.student, cfg.data.tokenizer, export_dir, provenance(cfg, module, trainer)
+            )
     summary = summarize(cfg, module, trainer, export_dir)
     write_json_atomic(out_dir / "summary.json", summary)
     log.info(

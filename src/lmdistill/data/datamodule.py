@@ -1,0 +1,201 @@
+"""The pretraining DataModule: a corpus source to padded batches of segment pairs.
+
+    source (text files | hub dataset | stdlib sample) --> SegmentPairStream (per worker: documents
+    n % G == g, sentences, pairs, shuffle buffer) --> collate_pairs (dynamic padding)
+    --> ResumableDataLoader --> {"input_ids", "token_type_ids", "attention_mask"}: [B, L] int64
+
+Arguments are validated in the constructor where possible and in `setup()` otherwise (tokenizer,
+files, empty corpus); problems raise `UserError` naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import lightning as L
+
+from lmdistill.data.dataset import SegmentPairStream, collate_pairs
+from lmdistill.data.loader import ResumableDataLoader
+from lmdistill.data.sample import ensure_sample_corpus
+from lmdistill.data.segments import PairTemplate
+from lmdistill.data.sources import (
+    DOCUMENT_FORMATS,
+    SOURCES,
+    StreamSpec,
+    hub_spec,
+    iter_documents,
+    local_spec,
+    resolve_paths,
+)
+from lmdistill.errors import UserError
+
+MIN_SEQ_LENGTH = 8
+
+
+def load_tokenizer(name_or_path: str):
+    """A fast tokenizer via AutoTokenizer (never remote code), or a UserError."""
+    from transformers import AutoTokenizer
+
+    expanded = os.path.expanduser(name_or_path)
+    # Hub names are "name" or "owner/name"; anything else that does not exist is a bad path.
+    looks_local = expanded.startswith((os.sep, ".")) or expanded.count("/") > 1
+    if looks_local and not os.path.exists(expanded):
+        raise UserError(
+            f"tokenizer path {name_or_path!r} does not exist; point data.tokenizer (or the "
+            "teacher) at a directory with tokenizer files or a hub name"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(expanded, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load tokenizer {name_or_path!r} ({str(err).splitlines()[0]}); give a local "
+            "tokenizer directory, or a hub name with the hub reachable"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        raise UserError(
+            f"tokenizer {name_or_path!r} is not a fast tokenizer; give one with a tokenizer.json"
+        )
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"tokenizer {name_or_path!r} has no pad token; give a tokenizer with one")
+    return tokenizer
+
+
+class PretrainingDataModule(L.LightningDataModule):
+    """Segment pairs for task-agnostic distillation; see the module docstring."""
+
+    def __init__(
+        self,
+        source: str,
+        tokenizer: str,
+        paths: list[str] | None = None,
+        hf_path: str | None = None,
+        hf_name: str | None = None,
+        hf_split: str = "train",
+        text_field: str = "text",
+        document_format: str = "blank_line",
+        batch_size: int = 32,
+        max_seq_length: int = 128,
+        short_seq_prob: float = 0.1,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 1,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise UserError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
+        if document_format not in DOCUMENT_FORMATS:
+            raise UserError(
+                f"unknown document_format {document_format!r}; use one of "
+                f"{', '.join(DOCUMENT_FORMATS)}"
+            )
+        if source == "text" and not paths:
+            raise UserError("source=text needs data paths; set data.paths=[files, globs or dirs]")
+        if source == "hub" and not hf_path:
+            raise UserError(
+                "source=hub needs a dataset name; set data.hf_path (e.g. wikimedia/wikipedia)"
+            )
+        if batch_size < 1:
+            raise UserError(f"batch_size {batch_size} is below 1; set data.batch_size >= 1")
+        if max_seq_length < MIN_SEQ_LENGTH:
+            raise UserError(
+                f"max_seq_length {max_seq_length} is below {MIN_SEQ_LENGTH}; set data.max_seq_length >= {MIN_SEQ_LENGTH}"
+            )
+        if not 0.0 <= short_seq_prob <= 1.0:
+            raise UserError(f"short_seq_prob {short_seq_prob} is not in [0, 1]; set it in [0, 1]")
+        if shuffle_buffer < 0 or num_workers < 0:
+            raise UserError(
+                "shuffle_buffer and num_workers must be >= 0; fix data.shuffle_buffer / data.num_workers"
+            )
+        self.source = source
+        self.tokenizer_name = tokenizer
+        self.paths = (
+            list(paths) if isinstance(paths, (list, tuple)) else ([paths] if paths else None)
+        )
+        self.hf_path, self.hf_name, self.hf_split = hf_path, hf_name, hf_split
+        self.text_field = text_field
+        self.document_format = "blank_line" if source == "sample" else document_format
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+        self.short_seq_prob = short_seq_prob
+        self.shuffle_buffer = shuffle_buffer
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.spec: StreamSpec | None = None
+        self.template: PairTemplate | None = None
+        self.pad_token_id: int | None = None
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.spec is not None:
+            return
+        tokenizer = load_tokenizer(self.tokenizer_name)
+        model_max = tokenizer.model_max_length
+        if model_max and model_max < 1_000_000 and self.max_seq_length > model_max:
+            raise UserError(
+                f"max_seq_length {self.max_seq_length} exceeds the tokenizer's model maximum "
+                f"{model_max}; set data.max_seq_length <= {model_max}"
+            )
+        self.template = PairTemplate.from_tokenizer(tokenizer)
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        if self.source == "text":
+            spec = local_spec(resolve_paths(self.paths), self.document_format)
+        elif self.source == "sample":
+            spec = local_spec([ensure_sample_corpus(self.cache_dir)], "blank_line")
+        else:
+            spec = hub_spec(self.hf_path, self.hf_name, self.hf_split)
+        self._check_not_empty(spec)
+        self.spec = spec
+
+    def _check_not_empty(self, spec: StreamSpec) -> None:
+        try:
+            documents = iter_documents(spec.load(), self.document_format, self.text_field)
+            first = next(documents, None)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any loader failure is reported the same way
+            where = ", ".join(spec.data_files) if spec.data_files else spec.builder
+            raise UserError(
+                f"cannot read corpus {where} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "check the files/dataset name, format and data.text_field"
+            ) from None
+        if first is None:
+            where = ", ".join(spec.data_files) if spec.data_files else spec.builder
+            raise UserError(
+                f"corpus is empty: no text in {where}; give files with text (data.paths) "
+                "or check data.text_field / data.document_format"
+            )
+
+    def train_dataset(self, epoch: int = 0) -> SegmentPairStream:
+        self.setup()
+        rank, world = self._rank_world()
+        return SegmentPairStream(
+            spec=self.spec,
+            tokenizer=self.tokenizer_name,
+            template=self.template,
+            document_format=self.document_format,
+            text_field=self.text_field,
+            max_seq_length=self.max_seq_length,
+            short_seq_prob=self.short_seq_prob,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            epoch=epoch,
+        )
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return ResumableDataLoader(
+            self.train_dataset(),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=functools.partial(collate_pairs, pad_id=self.pad_token_id),
+            persistent_workers=False,
+        )
