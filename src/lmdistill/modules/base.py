@@ -146,8 +146,11 @@ class DistillationModule(L.LightningModule):
             {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": self.optim.weight_decay},
             {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},  # biases, LayerNorm
         ]
-        # foreach (not fused) AdamW: fused AdamW with clipping under mixed precision raises in Lightning
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        # foreach, not fused: fused AdamW with clipping under mixed precision raises in Lightning;
+        # foreach must be asked for on CPU, where the default is a slower per-parameter loop
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, foreach=True
+        )
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
             raise UserError(
