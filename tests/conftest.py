@@ -50,4 +50,8 @@ def padded_batch():
     input_ids[:, 0] = 101
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[:, 6:] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+    }

@@ -31,7 +31,9 @@ def test_real_teacher_distils_into_a_3_layer_student(tmp_path, cache_dir):
 
     student = AutoModel.from_pretrained(summary["export_dir"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(summary["export_dir"])
-    batch = tokenizer(["The quick brown fox.", "Distillation works."], padding=True, return_tensors="pt")
+    batch = tokenizer(
+        ["The quick brown fox.", "Distillation works."], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         hidden = student(**batch).last_hidden_state
     assert hidden.shape[-1] == 384 and torch.isfinite(hidden).all()

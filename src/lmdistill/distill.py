@@ -38,9 +38,13 @@ def teacher_dtype(setting: str, precision: str) -> torch.dtype:
     """The teacher's weight dtype: `auto` follows the training precision."""
     if setting != "auto":
         if setting not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"unknown teacher.dtype '{setting}'; use auto, float32, bfloat16 or float16")
+            raise UserError(
+                f"unknown teacher.dtype '{setting}'; use auto, float32, bfloat16 or float16"
+            )
         return getattr(torch, setting)
-    if precision.startswith("bf16") or (precision.startswith("16") and not torch.cuda.is_available()):
+    if precision.startswith("bf16") or (
+        precision.startswith("16") and not torch.cuda.is_available()
+    ):
         return torch.bfloat16  # Lightning runs 16-mixed as bf16 on CPU
     if precision.startswith("16"):
         return torch.float16
@@ -51,7 +55,9 @@ def build(cfg: DictConfig):
     """Instantiate (module, datamodule, trainer) from a composed config."""
     precision = str(cfg.trainer.precision)
     if precision.startswith("16") and not torch.cuda.is_available():
-        log.warning("trainer.precision=16-mixed has no effect on CPU: Lightning runs it as bf16-mixed")
+        log.warning(
+            "trainer.precision=16-mixed has no effect on CPU: Lightning runs it as bf16-mixed"
+        )
     teacher = load_teacher(
         cfg.teacher.name_or_path,
         layer=cfg.method.get("teacher_layer"),
@@ -59,16 +65,23 @@ def build(cfg: DictConfig):
         trust_remote_code=cfg.teacher.trust_remote_code,
         dtype=teacher_dtype(cfg.teacher.dtype, precision),
     )
-    shape = {k: v for k, v in cfg.student.items() if k not in ("relation_site", "init_from_teacher")}
+    shape = {
+        k: v for k, v in cfg.student.items() if k not in ("relation_site", "init_from_teacher")
+    }
     student = build_student(
-        teacher.config, **shape, init_from_teacher=teacher.model if cfg.student.init_from_teacher else None
+        teacher.config,
+        **shape,
+        init_from_teacher=teacher.model if cfg.student.init_from_teacher else None,
     )
     method = instantiate(cfg.method, _partial_=True, _convert_="all")  # objects are passed below
     module = method(teacher=teacher, student=student, optim=OmegaConf.to_container(cfg.optim))
     datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")  # bad data paths or an empty corpus fail before anything is written
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=cfg.paths.output_dir)
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=cfg.paths.output_dir
+    )
     return module, datamodule, trainer
 
 
@@ -79,23 +92,29 @@ def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     return {
         "method": choices.get("method", cfg.method._target_.rsplit(".", 1)[-1]),
-        "teacher": {"name_or_path": cfg.teacher.name_or_path, "layer": module.teacher.layer,
-                    "hidden_size": module.teacher.hidden_size},  # fmt: skip
+        "teacher": {
+            "name_or_path": cfg.teacher.name_or_path,
+            "layer": module.teacher.layer,
+            "hidden_size": module.teacher.hidden_size,
+        },  # fmt: skip
         "student": {
             "num_hidden_layers": student.num_hidden_layers,
             "hidden_size": student.hidden_size,
             "num_attention_heads": student.num_attention_heads,
             "intermediate_size": student.intermediate_size,
             "params": sum(p.numel() for p in module.student.parameters()),
-            "gflops": round(encoder_gflops(student.num_hidden_layers, student.hidden_size,
-                                           student.intermediate_size, 128), 4),  # fmt: skip
+            "gflops": encoder_gflops(
+                student.num_hidden_layers, student.hidden_size, student.intermediate_size, 128
+            ),  # fmt: skip
         },
         "steps": trainer.global_step,
         "tokens_seen": module.tokens_seen,
         "loss_first": module.loss_first,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,  # mean of last 10
         "tokens_per_second": round(module.tokens_per_second, 1),
-        "global_batch_size": cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
+        "global_batch_size": cfg.data.batch_size
+        * trainer.accumulate_grad_batches
+        * trainer.world_size,
         "precision": str(trainer.precision),
         "reduction": getattr(module, "reduction", None),
         "relation_heads": getattr(module, "relation_heads", None),
@@ -109,27 +128,30 @@ def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict
 def run(cfg: DictConfig) -> dict:
     """Distil, export and summarise one configuration; returns the summary."""
     out_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    export_dir = out_dir / "student" if cfg.export else None
+    if export_dir is not None and export_dir.exists():
+        raise UserError(f"{export_dir} already exists; run in a fresh output directory")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # no "Seed set" line on stderr
     checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     module, datamodule, trainer = build(cfg)
     if checkpoint is not None:
         check_checkpoint_matches(checkpoint, module, cfg.ckpt_path)
         del checkpoint
-    export_dir = out_dir / "student" if cfg.export else None
-    if export_dir is not None and export_dir.exists():
-        raise UserError(f"{export_dir} already exists; run in a fresh output directory")
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full state
+        trainer.save_checkpoint(
+            out_dir / "checkpoints" / "last.ckpt", weights_only=False
+        )  # full state
     finally:
         _finish_wandb(trainer)
     if not trainer.is_global_zero:
         return {}
     if export_dir is not None:
         with quiet_transformers():
-            export_student(    module.student, cfg.data.tokenizer, export_dir, provenance(cfg, module, trainer)
+            export_student(
+                module.student, cfg.data.tokenizer, export_dir, provenance(cfg, module, trainer)
             )
     summary = summarize(cfg, module, trainer, export_dir)
     write_json_atomic(out_dir / "summary.json", summary)

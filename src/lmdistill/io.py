@@ -36,7 +36,9 @@ def load_checkpoint(path: str | Path) -> dict:
         reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
         raise UserError(f"{path} is not a readable checkpoint ({reason}); {fix}") from err
     if not isinstance(checkpoint, dict) or not {"state_dict", "loops"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a Lightning training checkpoint (no state_dict/loops); {fix}")
+        raise UserError(
+            f"{path} is not a Lightning training checkpoint (no state_dict/loops); {fix}"
+        )
     return checkpoint
 
 

@@ -32,14 +32,18 @@ def test_teacher_qkv_equals_full_model(tiny_teacher_dir, padded_batch, layer):
     torch.testing.assert_close(qkv.value, expected["value"], atol=1e-5, rtol=1e-5)
 
 
-def test_teacher_is_frozen_truncated_and_stops_at_the_distilled_layer(tiny_teacher_dir, padded_batch):
+def test_teacher_is_frozen_truncated_and_stops_at_the_distilled_layer(
+    tiny_teacher_dir, padded_batch
+):
     teacher = load_teacher(tiny_teacher_dir, layer=1)
     assert len(teacher.model.encoder.layer) == 1
     assert teacher.config.num_hidden_layers == 2  # the full config is kept for students
     assert not teacher.model.training
     assert all(not p.requires_grad for p in teacher.model.parameters())
     calls = []
-    teacher.model.encoder.layer[0].attention.output.register_forward_hook(lambda *a: calls.append(1))
+    teacher.model.encoder.layer[0].attention.output.register_forward_hook(
+        lambda *a: calls.append(1)
+    )
     teacher.model.encoder.layer[0].intermediate.register_forward_hook(lambda *a: calls.append(1))
     qkv = teacher.qkv(**padded_batch)
     assert calls == []  # the distilled layer's attention output and FFN are never computed

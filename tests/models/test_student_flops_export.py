@@ -19,31 +19,61 @@ def teacher_config(tiny_teacher_dir):
 
 
 def test_student_takes_teacher_vocabulary_and_its_own_shape(teacher_config):
-    student = build_student(teacher_config, 3, 48, 6, 96)
+    student = build_student(
+        teacher_config,
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        intermediate_size=96,
+    )
     c = student.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (3, 48, 6, 96)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (
+        3,
+        48,
+        6,
+        96,
+    )
     assert c.vocab_size == teacher_config.vocab_size
     assert c.max_position_embeddings == teacher_config.max_position_embeddings
-    assert build_student(teacher_config, 1, 40, 4).config.intermediate_size == 160  # default 4d
+    assert (
+        build_student(
+            teacher_config, num_hidden_layers=1, hidden_size=40, num_attention_heads=4
+        ).config.intermediate_size
+        == 160
+    )  # default 4d
 
 
 def test_hidden_not_divisible_by_heads(teacher_config):
     with pytest.raises(UserError, match="hidden_size=50 is not divisible by .*heads=4"):
-        build_student(teacher_config, 2, 50, 4)
+        build_student(teacher_config, num_hidden_layers=2, hidden_size=50, num_attention_heads=4)
 
 
 def test_init_from_teacher_copies_uniform_layers(tiny_teacher_dir, teacher_config):
     teacher = AutoModel.from_pretrained(tiny_teacher_dir)
-    student = build_student(teacher_config, 1, 32, 4, 64)
-    assert copy_teacher_layers(teacher, student) == [1]  # the last student layer <- last teacher layer
+    student = build_student(
+        teacher_config,
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    assert copy_teacher_layers(teacher, student) == [
+        1
+    ]  # the last student layer <- last teacher layer
     torch.testing.assert_close(
-        student.encoder.layer[0].attention.self.query.weight, teacher.encoder.layer[1].attention.self.query.weight
+        student.encoder.layer[0].attention.self.query.weight,
+        teacher.encoder.layer[1].attention.self.query.weight,
     )
     torch.testing.assert_close(
         student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight
     )
     with pytest.raises(UserError, match="widths differ"):
-        copy_teacher_layers(teacher, build_student(teacher_config, 1, 48, 4))
+        copy_teacher_layers(
+            teacher,
+            build_student(
+                teacher_config, num_hidden_layers=1, hidden_size=48, num_attention_heads=4
+            ),
+        )
 
 
 @pytest.mark.parametrize(
@@ -55,8 +85,12 @@ def test_gflops_match_the_papers(layers, hidden, ffn, expected):
     assert encoder_gflops(layers, hidden, ffn, 128) == pytest.approx(expected, abs=0.06)
 
 
-def test_export_loads_without_lmdistill_and_gives_the_same_outputs(tmp_path, tiny_teacher_dir, teacher_config, padded_batch):
-    student = build_student(teacher_config, 2, 32, 4).eval()
+def test_export_loads_without_lmdistill_and_gives_the_same_outputs(
+    tmp_path, tiny_teacher_dir, teacher_config, padded_batch
+):
+    student = build_student(
+        teacher_config, num_hidden_layers=2, hidden_size=32, num_attention_heads=4
+    ).eval()
     with torch.no_grad():
         expected = student(**padded_batch).last_hidden_state
     out = export_student(student, tiny_teacher_dir, tmp_path / "student", {"method": "test"})
@@ -70,13 +104,15 @@ from transformers import AutoModel, AutoTokenizer
 model = AutoModel.from_pretrained({str(out)!r}).eval()
 tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
 assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
-batch = torch.load({str(tmp_path / 'batch.pt')!r})
+batch = torch.load({str(tmp_path / "batch.pt")!r})
 with torch.no_grad():
     got = model(**batch).last_hidden_state
-torch.testing.assert_close(got, torch.load({str(tmp_path / 'expected.pt')!r}), atol=1e-6, rtol=1e-5)
+torch.testing.assert_close(got, torch.load({str(tmp_path / "expected.pt")!r}), atol=1e-6, rtol=1e-5)
 print("OK", type(model).__name__)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK BertModel" in result.stdout
     assert json.loads((out / "lmdistill_provenance.json").read_text()) == {"method": "test"}
@@ -87,6 +123,13 @@ def test_export_never_overwrites(tmp_path, tiny_teacher_dir, teacher_config):
     (tmp_path / "student").mkdir()
     (tmp_path / "student" / "keep.txt").write_text("precious")
     with pytest.raises(UserError, match="already exists"):
-        export_student(build_student(teacher_config, 1, 32, 4), tiny_teacher_dir, tmp_path / "student", {})
+        export_student(
+            build_student(
+                teacher_config, num_hidden_layers=1, hidden_size=32, num_attention_heads=4
+            ),
+            tiny_teacher_dir,
+            tmp_path / "student",
+            {},
+        )
     assert (tmp_path / "student" / "keep.txt").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no temporary leftovers

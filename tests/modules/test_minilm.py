@@ -1,6 +1,5 @@
 """MiniLM v1/v2 LightningModules against independent plain-torch computations."""
 
-
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,6 @@ from transformers import AutoModel
 from lmdistill.errors import UserError
 from lmdistill.models import build_student, load_teacher
 from lmdistill.modules import MiniLMv1, MiniLMv2
-
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -22,7 +20,8 @@ def teacher(tiny_teacher_dir):
 
 def _student(teacher, layers=2, hidden=32, heads=4):
     torch.manual_seed(0)
-    return build_student(teacher.config, layers, hidden, heads, 2 * hidden,
+    shape = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads}
+    return build_student(teacher.config, **shape, intermediate_size=2 * hidden,
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
 
 
@@ -63,7 +62,11 @@ def test_last_layer_site_freezes_exactly_the_unreached_top(teacher):
     expected = {n for n, _ in module.named_parameters()
                 if n.startswith("student.pooler.") or (n.startswith(top) and ".attention.self." not in n)}  # fmt: skip
     assert set(module.frozen_parameters) == expected
-    assert any(n.startswith(top + "attention.self.query") for n, p in module.named_parameters() if p.requires_grad)
+    assert any(
+        n.startswith(top + "attention.self.query")
+        for n, p in module.named_parameters()
+        if p.requires_grad
+    )
 
 
 def test_every_trainable_parameter_gets_a_gradient(teacher, padded_batch):
@@ -84,7 +87,9 @@ def test_top_projection_trains_every_layer_and_is_not_part_of_the_student(teache
 
 def test_minilm_v2_loss_equals_independent_computation(teacher, tiny_teacher_dir, padded_batch):
     student = _student(teacher)
-    module = MiniLMv2(teacher, student, relation_heads=4, relation_weights={"qq": 1, "kk": 2, "vv": 3})
+    module = MiniLMv2(
+        teacher, student, relation_heads=4, relation_weights={"qq": 1, "kk": 2, "vv": 3}
+    )
     loss = module.training_step(padded_batch, 0)
 
     full_teacher = AutoModel.from_pretrained(tiny_teacher_dir, attn_implementation="eager").eval()
@@ -97,7 +102,9 @@ def test_minilm_v2_loss_equals_independent_computation(teacher, tiny_teacher_dir
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_minilm_v1_loss_is_attention_transfer_plus_value_relation(teacher, tiny_teacher_dir, padded_batch):
+def test_minilm_v1_loss_is_attention_transfer_plus_value_relation(
+    teacher, tiny_teacher_dir, padded_batch
+):
     """AT from the models' own eager attention probabilities, VR from V V^T: an independent check."""
     student = _student(teacher)
     module = MiniLMv1(teacher, student)
@@ -156,11 +163,23 @@ def test_unknown_step_count_is_a_user_error(teacher):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda t, s: MiniLMv2(t, s, relation_heads=3), r"relation_heads=3 does not divide the teacher hidden size 32"),
+        (
+            lambda t, s: MiniLMv2(t, s, relation_heads=3),
+            r"relation_heads=3 does not divide the teacher hidden size 32",
+        ),
         (lambda t, s: MiniLMv2(t, s, relation_heads=8, teacher_layer=1), "teacher_layer=1"),
-        (lambda t, s: MiniLMv2(t, s, relation_heads=4, reduction="sum"), "unknown method.reduction 'sum'"),
-        (lambda t, s: MiniLMv2(t, s, relation_heads=4, relation_weights={"qk": 1}), "relation_weights"),
-        (lambda t, s: MiniLMv2(t, s, relation_heads=4, relation_site="middle"), "relation_site 'middle'"),
+        (
+            lambda t, s: MiniLMv2(t, s, relation_heads=4, reduction="sum"),
+            "unknown method.reduction 'sum'",
+        ),
+        (
+            lambda t, s: MiniLMv2(t, s, relation_heads=4, relation_weights={"qk": 1}),
+            "relation_weights",
+        ),
+        (
+            lambda t, s: MiniLMv2(t, s, relation_heads=4, relation_site="middle"),
+            "relation_site 'middle'",
+        ),
     ],
 )
 def test_bad_method_settings(teacher, make, message):
@@ -174,5 +193,7 @@ def test_v2_relation_heads_must_divide_the_student_too(teacher):
 
 
 def test_v1_needs_equal_head_counts(teacher):
-    with pytest.raises(UserError, match=r"same number of attention heads in teacher \(4\) and student \(2\)"):
+    with pytest.raises(
+        UserError, match=r"same number of attention heads in teacher \(4\) and student \(2\)"
+    ):
         MiniLMv1(teacher, _student(teacher, heads=2))

@@ -59,7 +59,9 @@ def forward_qkv(model: nn.Module, layer_index: int, **inputs: torch.Tensor) -> Q
 
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # [B, L, d]
-        raise _Captured(QKV(attention.query(hidden), attention.key(hidden), attention.value(hidden)))
+        raise _Captured(
+            QKV(attention.query(hidden), attention.key(hidden), attention.value(hidden))
+        )
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:

@@ -27,7 +27,9 @@ def student_config(
         ("num_attention_heads", num_attention_heads),
     ):
         if int(value) < 1:
-            raise UserError(f"student.{name}={value} must be a positive integer; fix the student shape")
+            raise UserError(
+                f"student.{name}={value} must be a positive integer; fix the student shape"
+            )
     if hidden_size % num_attention_heads:
         raise UserError(
             f"student.hidden_size={hidden_size} is not divisible by "
@@ -46,24 +48,15 @@ def student_config(
 
 def build_student(
     teacher_config: PretrainedConfig,
-    num_hidden_layers: int,
-    hidden_size: int,
-    num_attention_heads: int,
-    intermediate_size: int | None = None,
-    hidden_dropout_prob: float = 0.1,
-    attention_probs_dropout_prob: float = 0.1,
     init_from_teacher: torch.nn.Module | None = None,
+    **shape,
 ) -> PreTrainedModel:
-    """A randomly initialised (BERT init) student; optionally copy teacher layers (same widths)."""
-    config = student_config(
-        teacher_config,
-        num_hidden_layers,
-        hidden_size,
-        num_attention_heads,
-        intermediate_size,
-        hidden_dropout_prob,
-        attention_probs_dropout_prob,
-    )
+    """A randomly initialised (BERT init) student of `shape` (the arguments of `student_config`).
+
+    With `init_from_teacher`, embeddings and uniformly spaced teacher layers are copied (same
+    widths only).
+    """
+    config = student_config(teacher_config, **shape)
     student = AutoModel.from_config(config, attn_implementation="sdpa")
     if init_from_teacher is not None:
         copy_teacher_layers(init_from_teacher, student)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
-
-import contextlib
 
 import torch
 from torch import nn

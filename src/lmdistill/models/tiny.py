@@ -13,7 +13,12 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import package_dir
 
-TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+TINY_SHAPE = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+}
 _VERSION = "v2"
 
 

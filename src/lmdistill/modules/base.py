@@ -7,6 +7,7 @@ combination is the loss. Subclasses implement `loss_terms` and `combine` only.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ class DistillationModule(L.LightningModule):
         self.loss_history: list[float] = []  # loss of every optimizer step of this process
         self.loss_first: float | None = None
         self._clock = 0.0
+        self._batch_tokens = 0
+        self._rng_to_restore: dict | None = None
         self._run_tokens = 0  # timed tokens and seconds of this run (resumed runs start anew)
         self._run_seconds = 0.0
 
@@ -89,7 +92,9 @@ class DistillationModule(L.LightningModule):
         return QKV(*self.relation_projection(hidden).chunk(3, dim=-1))
 
     def teacher_qkv(self, batch: dict) -> QKV:
-        qkv = self.teacher.qkv(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        qkv = self.teacher.qkv(
+            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        )
         return QKV(*(x.clone() for x in qkv))  # normal tensors: usable outside inference mode
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -99,6 +104,11 @@ class DistillationModule(L.LightningModule):
         loss = self.combine(terms)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss_{name}": value for name, value in terms.items()})
+        # counted here, not in on_train_batch_end: checkpoint callbacks run before that hook
+        self._batch_tokens = int(batch["attention_mask"].sum()) * self._world_size
+        self.tokens_seen += self._batch_tokens
+        self.loss_first = float(loss) if self.loss_first is None else self.loss_first
+        self.loss_history.append(float(loss))
         return loss
 
     # --- bookkeeping -----------------------------------------------------------------------
@@ -109,21 +119,26 @@ class DistillationModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._clock = time.perf_counter()
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # after the resumed loader drew its own seeds
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         now = time.perf_counter()
         seconds, self._clock = now - self._clock, now
-        tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
-        self.tokens_seen += tokens
-        if self.loss_history:  # the first batch of a run includes start-up: not timed
+        tokens = self._batch_tokens
+        if len(self.loss_history) > 1:  # the first batch of a run includes start-up: not timed
             self._run_tokens += tokens
             self._run_seconds += seconds
-        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-        self.loss_first = loss if self.loss_first is None else self.loss_first
-        self.loss_history.append(loss)
-        sequences = batch["input_ids"].shape[0] * self.trainer.world_size
+        sequences = batch["input_ids"].shape[0] * self._world_size
         self.log("train/tokens_per_second", tokens / max(seconds, 1e-9), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/global_batch_size", float(sequences * self.trainer.accumulate_grad_batches))
+
+    @property
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
 
     @property
     def tokens_per_second(self) -> float:
@@ -131,25 +146,43 @@ class DistillationModule(L.LightningModule):
         return self._run_tokens / self._run_seconds if self._run_seconds else 0.0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lmdistill"] = {"tokens_seen": self.tokens_seen, "loss_first": self.loss_first}
+        checkpoint["lmdistill"] = {
+            "tokens_seen": self.tokens_seen,
+            "loss_first": self.loss_first,
+            "rng": _rng_states(),  # dropout masks resume exactly
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("lmdistill", {})
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.loss_first = state.get("loss_first")
+        # Restored at the first batch: creating the resumed DataLoader iterator draws from the RNG.
+        # Only rank 0 writes checkpoints, so other ranks keep their own (rank-seeded) streams.
+        rng = state.get("rng")
+        self._rng_to_restore = rng if rng is not None and self.trainer.global_rank == 0 else None
 
     # --- optimisation ----------------------------------------------------------------------
 
     def configure_optimizers(self):
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": self.optim.weight_decay},
-            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},  # biases, LayerNorm
+            {
+                "params": [p for _, p in trainable if p.ndim >= 2],
+                "weight_decay": self.optim.weight_decay,
+            },
+            {
+                "params": [p for _, p in trainable if p.ndim < 2],
+                "weight_decay": 0.0,
+            },  # biases, LayerNorm
         ]
         # foreach, not fused: fused AdamW with clipping under mixed precision raises in Lightning;
         # foreach must be asked for on CPU, where the default is a slower per-parameter loop
         optimizer = torch.optim.AdamW(
-            groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, foreach=True
+            groups,
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+            foreach=True,
         )
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
@@ -159,7 +192,10 @@ class DistillationModule(L.LightningModule):
         warmup = self.optim.warmup_steps
         warmup = round(self.optim.warmup_ratio * total) if warmup is None else int(warmup)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def _freeze_unreached_parameters(self) -> list[str]:
         """Freeze parameters the relation loss cannot reach (found by one tiny backward pass).
@@ -182,6 +218,21 @@ class DistillationModule(L.LightningModule):
                 frozen.append(name)
             parameter.grad = None
         return frozen
+
+
+def _rng_states() -> dict:
+    """torch (CPU, CUDA) and Python RNG states; plain tensors and ints, so `weights_only` loads them."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _model_inputs(batch: dict, config) -> dict:

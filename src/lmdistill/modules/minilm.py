@@ -14,7 +14,9 @@ REDUCTIONS = ("rows", "per_sequence")
 
 def _check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise UserError(f"unknown method.reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}")
+        raise UserError(
+            f"unknown method.reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}"
+        )
     return reduction
 
 
@@ -44,7 +46,10 @@ class MiniLMv2(DistillationModule):
         relation_site: str = "last_layer",
         optim: dict | None = None,
     ):
-        for who, size in (("teacher", teacher.hidden_size), ("student", student.config.hidden_size)):
+        for who, size in (
+            ("teacher", teacher.hidden_size),
+            ("student", student.config.hidden_size),
+        ):
             if relation_heads < 1 or size % relation_heads:
                 raise UserError(
                     f"method.relation_heads={relation_heads} does not divide the {who} hidden size "
@@ -54,7 +59,10 @@ class MiniLMv2(DistillationModule):
         super().__init__(teacher, student, relation_site, optim)
         self.relation_heads = int(relation_heads)
         self.relation_weights = {"qq": 1.0, "kk": 1.0, "vv": 1.0, **(relation_weights or {})}
-        if set(self.relation_weights) != {"qq", "kk", "vv"} or sum(self.relation_weights.values()) <= 0:
+        if (
+            set(self.relation_weights) != {"qq", "kk", "vv"}
+            or sum(self.relation_weights.values()) <= 0
+        ):
             raise UserError(
                 f"method.relation_weights={dict(self.relation_weights)} must give qq, kk, vv with a "
                 "positive sum; e.g. {qq: 1, kk: 1, vv: 1}"
@@ -104,10 +112,20 @@ class MiniLMv1(DistillationModule):
 
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
         return {
-            "at": relation_kl((teacher.query, teacher.key), (student.query, student.key),
-                              attention_mask, self.heads, self.reduction),  # fmt: skip
-            "vr": relation_kl((teacher.value, teacher.value), (student.value, student.value),
-                              attention_mask, self.heads, self.reduction),  # fmt: skip
+            "at": relation_kl(
+                (teacher.query, teacher.key),
+                (student.query, student.key),
+                attention_mask,
+                self.heads,
+                self.reduction,
+            ),  # fmt: skip
+            "vr": relation_kl(
+                (teacher.value, teacher.value),
+                (student.value, student.value),
+                attention_mask,
+                self.heads,
+                self.reduction,
+            ),  # fmt: skip
         }
 
     def combine(self, terms: dict) -> torch.Tensor:
