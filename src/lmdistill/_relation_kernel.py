@@ -43,7 +43,7 @@ def _heads(x: torch.Tensor, num_heads: int, scale: float | None = None) -> torch
     """[B, L, d] -> contiguous [B, R, L, r], optionally multiplied by `scale` (one pass)."""
     b, length, d = x.shape
     y = x.view(b, length, num_heads, d // num_heads).transpose(1, 2)
-    return (y * scale) if scale is not None else y.contiguous()
+    return (y * scale).contiguous() if scale is not None else y.contiguous()
 
 
 def _plan(mask: torch.Tensor, reduction: str, num_heads: int):

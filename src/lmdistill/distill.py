@@ -88,7 +88,6 @@ def build(cfg: DictConfig):
 def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict:
     """The run's summary.json (DESIGN.md contract)."""
     student = module.student.config
-    losses = module.loss_history
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     return {
         "method": choices.get("method", cfg.method._target_.rsplit(".", 1)[-1]),
@@ -110,7 +109,7 @@ def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict
         "steps": trainer.global_step,
         "tokens_seen": module.tokens_seen,
         "loss_first": module.loss_first,
-        "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,  # mean of last 10
+        "final_loss": module.final_loss,  # mean of the last 10 batches
         "tokens_per_second": round(module.tokens_per_second, 1),
         "global_batch_size": cfg.data.batch_size
         * trainer.accumulate_grad_batches

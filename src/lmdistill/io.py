@@ -33,8 +33,9 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason}); {fix}") from err
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}); {fix}"
+        ) from err
     if not isinstance(checkpoint, dict) or not {"state_dict", "loops"} <= checkpoint.keys():
         raise UserError(
             f"{path} is not a Lightning training checkpoint (no state_dict/loops); {fix}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import lightning as L
@@ -64,8 +65,9 @@ class DistillationModule(L.LightningModule):
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**(optim or {}))
         self.frozen_parameters = self._freeze_unreached_parameters()
         self.tokens_seen = 0  # real (non-pad) tokens trained on, all ranks
-        self.loss_history: list[float] = []  # loss of every optimizer step of this process
+        self.recent_losses: deque[torch.Tensor] = deque(maxlen=10)  # detached: no host sync
         self.loss_first: float | None = None
+        self.batches_this_run = 0
         self._clock = 0.0
         self._batch_tokens = 0
         self._rng_to_restore: dict | None = None
@@ -92,10 +94,10 @@ class DistillationModule(L.LightningModule):
         return QKV(*self.relation_projection(hidden).chunk(3, dim=-1))
 
     def teacher_qkv(self, batch: dict) -> QKV:
-        qkv = self.teacher.qkv(
+        """Teacher Q/K/V (inference tensors: the relation losses read them, never save them)."""
+        return self.teacher.qkv(
             batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
         )
-        return QKV(*(x.clone() for x in qkv))  # normal tensors: usable outside inference mode
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         teacher = self.teacher_qkv(batch)
@@ -104,12 +106,16 @@ class DistillationModule(L.LightningModule):
         loss = self.combine(terms)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss_{name}": value for name, value in terms.items()})
-        # counted here, not in on_train_batch_end: checkpoint callbacks run before that hook
+        self.loss_first = float(loss.detach()) if self.loss_first is None else self.loss_first
+        self.recent_losses.append(loss.detach())
+        self.batches_this_run += 1
+        return loss
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # counted on the host batch (no device sync), before any checkpoint of this step is written
         self._batch_tokens = int(batch["attention_mask"].sum()) * self._world_size
         self.tokens_seen += self._batch_tokens
-        self.loss_first = float(loss) if self.loss_first is None else self.loss_first
-        self.loss_history.append(float(loss))
-        return loss
+        return batch
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -128,13 +134,19 @@ class DistillationModule(L.LightningModule):
         now = time.perf_counter()
         seconds, self._clock = now - self._clock, now
         tokens = self._batch_tokens
-        if len(self.loss_history) > 1:  # the first batch of a run includes start-up: not timed
+        if self.batches_this_run > 1:  # the first batch of a run includes start-up: not timed
             self._run_tokens += tokens
             self._run_seconds += seconds
         sequences = batch["input_ids"].shape[0] * self._world_size
         self.log("train/tokens_per_second", tokens / max(seconds, 1e-9), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/global_batch_size", float(sequences * self.trainer.accumulate_grad_batches))
+
+    @property
+    def final_loss(self) -> float | None:
+        """Mean loss of the last 10 batches of this run."""
+        losses = list(self.recent_losses)
+        return float(torch.stack(losses).mean()) if losses else None
 
     @property
     def _world_size(self) -> int:
