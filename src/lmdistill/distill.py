@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmdistill import __version__
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
-from lmdistill.models import build_student, encoder_gflops, export_student, load_teacher
+from lmdistill.models import build_student, export_student, load_teacher
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
 
@@ -102,9 +102,7 @@ def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict
             "num_attention_heads": student.num_attention_heads,
             "intermediate_size": student.intermediate_size,
             "params": sum(p.numel() for p in module.student.parameters()),
-            "gflops": encoder_gflops(
-                student.num_hidden_layers, student.hidden_size, student.intermediate_size, 128
-            ),  # fmt: skip
+            "gflops": module.student_gflops(128),
         },
         "steps": trainer.global_step,
         "tokens_seen": module.tokens_seen,

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from lmdistill.errors import UserError
 from lmdistill.models.capture import QKV, forward_qkv
+from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.teacher import Teacher
 
 RELATION_SITES = ("last_layer", "top_projection")
@@ -141,6 +142,11 @@ class DistillationModule(L.LightningModule):
         self.log("train/tokens_per_second", tokens / max(seconds, 1e-9), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/global_batch_size", float(sequences * self.trainer.accumulate_grad_batches))
+
+    def student_gflops(self, seq_len: int = 128) -> float:
+        """Inference GFLOPs of the exported student for one sequence (methods may override)."""
+        c = self.student.config
+        return encoder_gflops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq_len)
 
     @property
     def final_loss(self) -> float | None:
