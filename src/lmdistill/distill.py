@@ -26,6 +26,7 @@ from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_a
 from lmdistill.models import build_student, export_student, load_teacher
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
+from lmdistill.runs import config_key, record_run, resolve_ckpt_path
 
 log = logging.getLogger("lmdistill")
 register_resolvers()
@@ -128,19 +129,21 @@ def run(cfg: DictConfig) -> dict:
     export_dir = out_dir / "student" if cfg.export else None
     if export_dir is not None and export_dir.exists():
         raise UserError(f"{export_dir} already exists; run in a fresh output directory")
+    key = config_key(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, key)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # no "Seed set" line on stderr
-    checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
     module, datamodule, trainer = build(cfg)
     if checkpoint is not None:
-        check_checkpoint_matches(checkpoint, module, cfg.ckpt_path)
+        check_checkpoint_matches(checkpoint, module, ckpt_path)
         del checkpoint
+    record_run(cfg.paths.cache_dir, key, out_dir)  # `ckpt_path=last` of a later run finds it
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        trainer.save_checkpoint(
-            out_dir / "checkpoints" / "last.ckpt", weights_only=False
-        )  # full state
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        final = out_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(final, weights_only=False)  # the full final state
     finally:
         _finish_wandb(trainer)
     if not trainer.is_global_zero:
@@ -192,7 +195,12 @@ def _finish_wandb(trainer) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    if cfg.method.get("assistant") is not None:
+        from lmdistill.assistant import run_with_assistant
+
+        run_with_assistant(cfg)
+    else:
+        run(cfg)
 
 
 if __name__ == "__main__":

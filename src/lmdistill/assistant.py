@@ -1,0 +1,151 @@
+"""Teacher-assistant distillation: teacher -> assistant -> student in one command (METHODS.md 4).
+
+    <run dir>/
+      stage1_assistant -> <cache_dir>/assistants/<key>/   (checkpoints/, logs/, student/, summary.json)
+      stage2_student/                                    (checkpoints/, logs/, student/, summary.json)
+      summary.json                                       the final student's, naming the assistant
+
+Stage 1 trains in a cache entry keyed by a hash of teacher, assistant shape, method, data,
+optimizer, trainer and seed: a finished entry is reused by any later run (also from another run
+directory or sweep job); an unfinished one is resumed from its last checkpoint. Stage 2 uses the
+assistant's export as its teacher (its last layer); re-running the same command (or
+`ckpt_path=last`) continues an unfinished stage 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from transformers import AutoConfig
+
+from lmdistill.errors import UserError
+from lmdistill.io import write_json_atomic
+from lmdistill.runs import LAST, config_key, previous_checkpoint
+
+log = logging.getLogger("lmdistill")
+
+STAGE1_DIR, STAGE2_DIR = "stage1_assistant", "stage2_student"
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+
+
+def run_with_assistant(cfg: DictConfig) -> dict:
+    """Run both stages; returns the final student's summary (with an `assistant` entry)."""
+    from lmdistill.distill import run  # the one training loop both stages share
+
+    out_dir = Path(cfg.paths.output_dir)
+    stage1 = assistant_stage(cfg)
+    key = config_key(stage1)
+    entry = Path(cfg.paths.cache_dir).expanduser() / "assistants" / key
+    with _locked(entry.with_suffix(".lock")):  # parallel sweep jobs wait for one trainer
+        reused = (entry / "student").is_dir()
+        if reused:
+            log.info("reusing the finished assistant %s", entry)
+        else:
+            resume = entry / "checkpoints" / "last.ckpt"
+            _set(stage1, "paths.output_dir", str(entry))
+            _set(stage1, "ckpt_path", str(resume) if resume.is_file() else None)
+            run(stage1)
+    _link(out_dir / STAGE1_DIR, entry)
+
+    stage2 = student_stage(cfg, entry / "student")
+    _set(stage2, "paths.output_dir", str(out_dir / STAGE2_DIR))
+    if cfg.ckpt_path in (None, LAST):  # continue an unfinished stage 2 of this configuration
+        previous = previous_checkpoint(
+            cfg.paths.cache_dir, config_key(stage2), unfinished_only=True
+        )
+        _set(stage2, "ckpt_path", str(previous) if previous else None)
+    summary = run(stage2)
+    if not summary:  # not the global-zero rank
+        return summary
+    summary["assistant"] = {
+        "export_dir": str(entry / "student"),
+        "cache_key": key,
+        "reused": reused,
+        "summary": _read_json(entry / "summary.json"),
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def assistant_stage(cfg: DictConfig) -> DictConfig:
+    """Stage 1: the teacher distilled into the assistant shape with the same method."""
+    stage = _without_assistant(cfg)
+    assistant = cfg.method.assistant
+    depth = assistant.num_hidden_layers or _teacher_depth(cfg)
+    shape = {"num_hidden_layers": depth, **{f: assistant[f] for f in SHAPE_FIELDS[1:]}}
+    for field, value in shape.items():
+        _set(stage, f"student.{field}", value)
+    _set(stage, "trainer.max_steps", assistant.max_steps)
+    _name_wandb_run(stage, cfg, STAGE1_DIR)
+    return stage
+
+
+def student_stage(cfg: DictConfig, assistant_dir: Path) -> DictConfig:
+    """Stage 2: the assistant (its last layer) distilled into the student."""
+    stage = _without_assistant(cfg)
+    relation_heads = cfg.teacher.relation_heads
+    _set(stage, "teacher", {
+        "name_or_path": str(assistant_dir), "revision": None, "layer": None,
+        "relation_heads": relation_heads, "dtype": cfg.teacher.dtype, "trust_remote_code": False,
+    })  # fmt: skip
+    _set(stage, "ckpt_path", None if cfg.ckpt_path == LAST else cfg.ckpt_path)
+    _name_wandb_run(stage, cfg, STAGE2_DIR)
+    return stage
+
+
+def _without_assistant(cfg: DictConfig) -> DictConfig:
+    stage = copy.deepcopy(cfg)
+    # resolve everything that points at Hydra's run dir or other stages before editing
+    with open_dict(stage):
+        stage.paths.output_dir = str(cfg.paths.output_dir)
+        del stage.method["assistant"]
+    return stage
+
+
+def _teacher_depth(cfg: DictConfig) -> int:
+    try:
+        return int(AutoConfig.from_pretrained(cfg.teacher.name_or_path).num_hidden_layers)
+    except OSError as err:
+        raise UserError(
+            f"cannot read the teacher config of '{cfg.teacher.name_or_path}' to size the assistant; "
+            "set method.assistant.num_hidden_layers or fix teacher.name_or_path"
+        ) from err
+
+
+def _name_wandb_run(stage: DictConfig, cfg: DictConfig, stage_name: str) -> None:
+    """W&B: both stages' runs grouped under the run directory's name."""
+    if "wandb" in (cfg.get("logger") or {}):
+        _set(stage, "logger.wandb.group", Path(cfg.paths.output_dir).name)
+        _set(stage, "logger.wandb.name", stage_name)
+
+
+def _set(cfg: DictConfig, key: str, value) -> None:
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False)
+
+
+def _link(link: Path, target: Path) -> None:
+    if not link.is_symlink() and not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target, target_is_directory=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path):
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,73 @@
+"""Identify runs by their configuration, and find an earlier run's checkpoint to resume.
+
+A run's key is a hash of the parts of its resolved config that decide what it trains (teacher,
+student, method, data, optimizer, trainer, seed); output paths, loggers, callbacks and Hydra's
+own settings are left out. `paths.cache_dir/runs/<key>.json` remembers the newest output
+directory of each key, so `ckpt_path=last` (and teacher-assistant stages) can continue it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmdistill.errors import UserError
+from lmdistill.io import write_json_atomic
+
+KEY_PARTS = ("teacher", "student", "method", "data", "optim", "trainer", "seed")
+LAST = "last"
+
+
+def config_key(cfg: DictConfig, parts: tuple[str, ...] = KEY_PARTS) -> str:
+    """A short content hash of the training-relevant parts of a resolved config."""
+    selected = {
+        part: OmegaConf.to_container(cfg[part], resolve=True)
+        if isinstance(cfg[part], DictConfig)
+        else cfg[part]
+        for part in parts
+        if part in cfg
+    }
+    payload = json.dumps(selected, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _index_file(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir).expanduser() / "runs" / f"{key}.json"
+
+
+def record_run(cache_dir: str | Path, key: str, output_dir: str | Path) -> None:
+    """Remember `output_dir` as the newest run of `key`."""
+    write_json_atomic(_index_file(cache_dir, key), {"output_dir": str(Path(output_dir).resolve())})
+
+
+def previous_checkpoint(
+    cache_dir: str | Path, key: str, unfinished_only: bool = False
+) -> Path | None:
+    """`checkpoints/last.ckpt` of the newest earlier run of `key`, if there is one.
+
+    With `unfinished_only`, a run that already wrote its summary does not count.
+    """
+    index = _index_file(cache_dir, key)
+    if not index.is_file():
+        return None
+    output_dir = Path(json.loads(index.read_text())["output_dir"])
+    checkpoint = output_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file() or (unfinished_only and (output_dir / "summary.json").exists()):
+        return None
+    return checkpoint
+
+
+def resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
+    """`ckpt_path` as given, or for `last` the checkpoint of the newest earlier identical run."""
+    if cfg.ckpt_path != LAST:
+        return cfg.ckpt_path
+    checkpoint = previous_checkpoint(cfg.paths.cache_dir, key)
+    if checkpoint is None:
+        raise UserError(
+            "ckpt_path=last found no earlier run of this configuration with a checkpoint; "
+            "run without ckpt_path, or pass the checkpoint file itself"
+        )
+    return str(checkpoint)

@@ -1,0 +1,100 @@
+"""Teacher-assistant distillation through the real CLI, on tiny models."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cli_helpers import TINY, check_ok, cli_env, read_metrics, run_cli, write_corpus
+
+# a 1 x 16 student of the 2 x 32 tiny teacher: the assistant is 2 x 16
+SHAPE = ["student.num_hidden_layers=1", "student.hidden_size=16", "student.intermediate_size=32"]
+ASSISTANT_STEPS = "method.assistant.max_steps=3"
+
+
+@pytest.fixture(scope="module")
+def ta(tmp_path_factory):
+    """Runs sharing one cache: A trains both stages, B repeats A, C changes the seed,
+    D crashes in stage 2 after its step-2 checkpoint, E re-runs D's command."""
+    work = tmp_path_factory.mktemp("ta")
+    cache = work / "cache"
+    corpus = write_corpus(work / "corpus.txt")
+    env = cli_env(
+        cache,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    base = [*TINY, "method=minilm_ta", *SHAPE, ASSISTANT_STEPS, f"data.paths=[{corpus}]"]
+
+    def cli(name, *extra):
+        return run_cli([*base, *extra, f"hydra.run.dir={work / name}"], work, cache, env=env)
+
+    check_ok(cli("A", "trainer.max_steps=4", "logger=[csv,wandb]"))
+    check_ok(cli("B", "trainer.max_steps=4"))
+    check_ok(cli("C", "trainer.max_steps=4", "seed=1"))
+    resumable = ["trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=2"]
+    crash = ["+callbacks.crash._target_=crash_callback.CrashAtStep", "+callbacks.crash.step=3"]
+    code, _, err = cli("D", *resumable, "student.num_hidden_layers=2", *crash)
+    assert code != 0 and "simulated crash at step 3" in err
+    check_ok(cli("E", *resumable, "student.num_hidden_layers=2"))
+    return work
+
+
+def summary(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())
+
+
+def test_both_stages_run_in_their_own_directories(ta):
+    top = summary(ta / "A")
+    stage1, stage2 = ta / "A" / "stage1_assistant", ta / "A" / "stage2_student"
+    assert stage1.is_symlink() and (stage1 / "checkpoints" / "last.ckpt").is_file()
+    for stage in (stage1, stage2):
+        assert (stage / "student" / "config.json").is_file()
+        assert (stage / "logs" / "metrics.csv").is_file()
+        assert (stage / "checkpoints" / "last.ckpt").is_file()
+    assert top == {**summary(stage2), "assistant": top["assistant"]}  # the final student's summary
+    assert top["export_dir"] == str(stage2 / "student")
+    assert top["assistant"]["export_dir"] == str(stage1.resolve() / "student")
+    assert top["steps"] == 4 and top["assistant"]["summary"]["steps"] == 3
+    # default assistant: the teacher's depth (2), the student's width (16)
+    shape = top["assistant"]["summary"]["student"]
+    assert (shape["num_hidden_layers"], shape["hidden_size"]) == (2, 16)
+    assert (top["student"]["num_hidden_layers"], top["student"]["hidden_size"]) == (1, 16)
+
+
+def test_stage2_teacher_is_the_assistant_export(ta):
+    provenance = json.loads(
+        (ta / "A" / "stage2_student" / "student" / "lmdistill_provenance.json").read_text()
+    )
+    assistant = summary(ta / "A")["assistant"]["export_dir"]
+    assert provenance["teacher"] == assistant and provenance["teacher_layer"] == 2  # its last layer
+    first = json.loads(
+        (ta / "A" / "stage1_assistant" / "student" / "lmdistill_provenance.json").read_text()
+    )
+    assert first["teacher"].endswith("tiny-bert-v2")
+
+
+def test_wandb_runs_one_per_stage(ta):
+    runs = list((ta / "A").glob("stage*/wandb/offline-run-*"))
+    assert len(runs) == 2
+
+
+def test_finished_assistant_is_reused_and_a_changed_setting_retrains(ta):
+    a, b, c = (summary(ta / n)["assistant"] for n in "ABC")
+    assert not a["reused"] and b["reused"] and b["cache_key"] == a["cache_key"]
+    assert (ta / "B" / "stage1_assistant").resolve() == (ta / "A" / "stage1_assistant").resolve()
+    assert not c["reused"] and c["cache_key"] != a["cache_key"]  # seed is part of the key
+
+
+def test_interrupted_stage2_resumes(ta):
+    e = summary(ta / "E")
+    assert e["assistant"]["reused"]  # the 2 x 16 assistant of A serves this 2 x 16 student too
+    assert e["steps"] == 5
+    steps = sorted(
+        {
+            int(r["step"])
+            for r in read_metrics(ta / "E" / "stage2_student" / "logs" / "metrics.csv")
+            if "train/loss" in r
+        }
+    )
+    assert steps == [2, 3, 4]  # continued from D's step-2 checkpoint, not from scratch
+    assert not (ta / "D" / "summary.json").exists()
