@@ -14,8 +14,8 @@ ASSISTANT_STEPS = "method.assistant.max_steps=3"
 
 @pytest.fixture(scope="module")
 def ta(tmp_path_factory):
-    """Runs sharing one cache: A trains both stages, B repeats A, C changes the seed,
-    D crashes in stage 2 after its step-2 checkpoint, E re-runs D's command."""
+    """Runs sharing one cache: A trains both stages, B repeats A, C is a two-student sweep with
+    another seed, D crashes in stage 2 after its step-2 checkpoint, E re-runs D's command."""
     work = tmp_path_factory.mktemp("ta")
     cache = work / "cache"
     corpus = write_corpus(work / "corpus.txt")
@@ -30,7 +30,8 @@ def ta(tmp_path_factory):
 
     check_ok(cli("A", "trainer.max_steps=4", "logger=[csv,wandb]"))
     check_ok(cli("B", "trainer.max_steps=4"))
-    check_ok(cli("C", "trainer.max_steps=4", "seed=1"))
+    sweep = ["trainer.max_steps=4", "seed=1", "student.num_hidden_layers=1,2"]
+    check_ok(run_cli(["-m", *base, *sweep, f"hydra.sweep.dir={work / 'C'}"], work, cache, env=env))
     resumable = ["trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=2"]
     crash = ["+callbacks.crash._target_=crash_callback.CrashAtStep", "+callbacks.crash.step=3"]
     code, _, err = cli("D", *resumable, "student.num_hidden_layers=2", *crash)
@@ -79,10 +80,17 @@ def test_wandb_runs_one_per_stage(ta):
 
 
 def test_finished_assistant_is_reused_and_a_changed_setting_retrains(ta):
-    a, b, c = (summary(ta / n)["assistant"] for n in "ABC")
+    a, b = (summary(ta / n)["assistant"] for n in "AB")
     assert not a["reused"] and b["reused"] and b["cache_key"] == a["cache_key"]
     assert (ta / "B" / "stage1_assistant").resolve() == (ta / "A" / "stage1_assistant").resolve()
-    assert not c["reused"] and c["cache_key"] != a["cache_key"]  # seed is part of the key
+
+
+def test_sweep_jobs_share_one_assistant(ta):
+    jobs = sorted(p for p in (ta / "C").iterdir() if (p / "summary.json").is_file())
+    first, second = (summary(job)["assistant"] for job in jobs)
+    assert len(jobs) == 2
+    assert not first["reused"] and first["cache_key"] != summary(ta / "A")["assistant"]["cache_key"]
+    assert second["reused"] and second["cache_key"] == first["cache_key"]  # seed is in the key
 
 
 def test_interrupted_stage2_resumes(ta):

@@ -1,3 +1,8 @@
 """lmdistill: task-agnostic distillation of BERT-family encoders."""
 
 __version__ = "0.1.0"
+
+# Registers the MiniMoE student classes (model type "lmdistill-minimoe") with transformers'
+# AutoConfig / AutoModel / AutoModelForSequenceClassification, so exported MoE students load
+# with `AutoModel.from_pretrained` after `import lmdistill`.
+from lmdistill.models import moe as _moe  # noqa: E402, F401

@@ -104,6 +104,8 @@ def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict
             "intermediate_size": student.intermediate_size,
             "params": sum(p.numel() for p in module.student.parameters()),
             "gflops": module.student_gflops(128),
+            "attention_experts": getattr(student, "attention_experts", 1),
+            "ffn_experts": getattr(student, "ffn_experts", 1),
         },
         "steps": trainer.global_step,
         "tokens_seen": module.tokens_seen,

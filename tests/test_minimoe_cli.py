@@ -1,0 +1,77 @@
+"""lmdistill-distill method=minimoe end to end: the real CLI on the tiny teacher and student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import TINY, check_ok, read_metrics, run_cli, write_corpus
+
+from lmdistill.resources import CONF_DIR
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("distill", overrides=overrides)
+
+
+@pytest.mark.parametrize("preset,x,y", [(None, 1, 4), ("1x1", 1, 1), ("2x4", 2, 4), ("1x8", 1, 8)])
+def test_moe_presets_compose(preset, x, y):
+    cfg = _compose(["method=minimoe", *([f"moe={preset}"] if preset else [])])
+    assert cfg.method._target_ == "lmdistill.modules.MiniMoE"
+    assert (cfg.moe.attention_experts, cfg.moe.ffn_experts) == (x, y)
+    assert (
+        cfg.moe.balance_weight == 0.01 and cfg.moe.router_noise == 0.1 and cfg.moe.init == "carve"
+    )
+    assert cfg.method.relation_site == "top_projection"
+    cfg = _compose(["method=minimoe", "moe.ffn_experts=3", "moe.init=independent"])
+    assert cfg.method.moe.ffn_experts == 3 and cfg.method.moe.init == "independent"
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory, cache_dir) -> Path:
+    work = tmp_path_factory.mktemp("minimoe-cli")
+    write_corpus(work / "corpus.txt")
+    out = work / "run"
+    check_ok(run_cli([*TINY, "method=minimoe", "moe=1x4", f"data.paths=[{work / 'corpus.txt'}]",
+                      "trainer.max_steps=4", "logger=[csv,tensorboard]", f"hydra.run.dir={out}"],
+                     work, cache_dir))  # fmt: skip
+    return out
+
+
+def test_summary_reports_more_params_and_dense_gflops(moe_run, tiny_teacher_dir):
+    from transformers import AutoConfig
+
+    from lmdistill.models import build_student, encoder_gflops
+
+    summary = json.loads((moe_run / "summary.json").read_text())
+    assert summary["method"] == "minimoe" and summary["steps"] == 4
+    assert summary["relation_site"] == "top_projection"
+    s = summary["student"]
+    dense = build_student(AutoConfig.from_pretrained(tiny_teacher_dir), num_hidden_layers=2,
+                          hidden_size=32, num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    assert s["params"] > sum(p.numel() for p in dense.parameters())
+    dense_gflops = encoder_gflops(2, 32, 64, 128)
+    assert dense_gflops < s["gflops"] <= dense_gflops * 1.05  # within the routers' share
+
+
+def test_export_loads_as_minimoe_without_the_relation_projection(moe_run):
+    from safetensors import safe_open
+
+    export = moe_run / "student"
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "lmdistill-minimoe" and config["ffn_experts"] == 4
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(".ffn.router." in k for k in keys)
+    assert not any("relation_projection" in k for k in keys)
+
+
+def test_routing_is_logged(moe_run):
+    rows = read_metrics(next(moe_run.rglob("metrics.csv")))
+    keys = set().union(*rows)
+    assert {"moe/layer1_ffn/load_e0", "moe/layer2_ffn/entropy", "train/loss_balance"} <= keys
+    assert list(moe_run.rglob("events.out.tfevents*"))
