@@ -37,6 +37,7 @@ def ta(tmp_path_factory):
     code, _, err = cli("D", *resumable, "student.num_hidden_layers=2", *crash)
     assert code != 0 and "simulated crash at step 3" in err
     check_ok(cli("E", *resumable, "student.num_hidden_layers=2"))
+    check_ok(cli("F", "trainer.max_steps=4", "method=minimoe_ta"))
     return work
 
 
@@ -106,3 +107,14 @@ def test_interrupted_stage2_resumes(ta):
     )
     assert steps == [2, 3, 4]  # continued from D's step-2 checkpoint, not from scratch
     assert not (ta / "D" / "summary.json").exists()
+
+
+def test_minimoe_student_behind_a_dense_assistant(ta):
+    f = summary(ta / "F")
+    assert (
+        f["assistant"]["reused"]
+        and f["assistant"]["cache_key"] == summary(ta / "A")["assistant"]["cache_key"]
+    )
+    assert f["student"]["ffn_experts"] == 4
+    config = json.loads((ta / "F" / "stage2_student" / "student" / "config.json").read_text())
+    assert config["model_type"] == "lmdistill-minimoe"

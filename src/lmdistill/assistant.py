@@ -82,6 +82,9 @@ def assistant_stage(cfg: DictConfig) -> DictConfig:
     for field, value in shape.items():
         _set(stage, f"student.{field}", value)
     _set(stage, "trainer.max_steps", assistant.max_steps)
+    if assistant.get("method") is not None:  # e.g. a dense assistant for a MiniMoE student
+        method = OmegaConf.to_container(assistant.method, resolve=True)
+        _set(stage, "method", method)
     _name_wandb_run(stage, cfg, STAGE1_DIR)
     return stage
 
