@@ -122,6 +122,8 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
+        if self.trainer.world_size > 1:  # every rank was seeded alike: give each its own dropout
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def on_train_start(self) -> None:
         self._clock = time.perf_counter()
