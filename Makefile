@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/distill_step.py
 	$(OFFLINE) $(PY) benchmarks/relation_loss.py
 	$(OFFLINE) $(PY) benchmarks/data_pipeline.py
+	$(OFFLINE) $(PY) benchmarks/moe_step.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
