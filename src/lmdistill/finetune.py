@@ -1,0 +1,147 @@
+"""lmdistill-finetune: fine-tune a model on one GLUE task, write results.json.
+
+    lmdistill-finetune task=rte model=outputs/<run>/student data.glue_dir=../shared/data/glue
+    lmdistill-finetune task=sst2 model=minilm-l6-local init=random data.train_limit=5000
+    lmdistill-finetune -m +grid=paper task=rte model=<student dir>
+
+Composes the config, loads the model with a task head, builds the GLUE data, fits with Lightning
+(dev evaluation every epoch) and writes results.json. Everything else lives in lmdistill.glue.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
+
+import lmdistill  # noqa: F401 - registers lmdistill's model classes (MoE students) with transformers
+from lmdistill import __version__
+from lmdistill.errors import UserError, report_user_errors
+from lmdistill.glue import get_task
+from lmdistill.glue.classifier import GlueClassifier, load_classifier
+from lmdistill.glue.datamodule import GlueDataModule
+from lmdistill.io import write_json_atomic
+from lmdistill.models.flops import encoder_gflops
+from lmdistill.models.teacher import quiet_transformers
+from lmdistill.resources import CONF_DIR, register_resolvers
+
+log = logging.getLogger("lmdistill")
+register_resolvers()
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def resolve_model(cfg: DictConfig) -> str:
+    """The model's directory or hub name: a shortcut (`minilm-l6-local`), a path, or a hub name."""
+    name = str(cfg.model)
+    if name in cfg.model_shortcuts:
+        return str(cfg.model_shortcuts[name])
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def model_shape(model) -> dict:
+    """The encoder's shape, parameters (without the task head) and GFLOPs per 128 tokens."""
+    config = model.config
+    shape = {
+        k: getattr(config, k, None)
+        for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    }
+    shape["params"] = sum(p.numel() for p in model.base_model.parameters())
+    if None not in shape.values():
+        shape["gflops"] = round(
+            encoder_gflops(
+                shape["num_hidden_layers"], shape["hidden_size"], shape["intermediate_size"], 128
+            ),
+            4,
+        )
+    return shape
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fine-tune and evaluate one configuration; returns (and writes) results.json."""
+    task = get_task(str(cfg.task))
+    if cfg.data.glue_dir is not None and not Path(cfg.data.glue_dir).expanduser().is_dir():
+        raise UserError(
+            f"data.glue_dir {cfg.data.glue_dir} does not exist; point it at a folder of GLUE "
+            "TSV files (CoLA/, RTE/, ...) or set data.glue_dir=null to use the hub"
+        )
+    out_dir = Path(cfg.paths.output_dir)
+    model_path = resolve_model(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = load_classifier(
+        model_path, task, cfg.init, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    datamodule = GlueDataModule(
+        task, tokenizer, batch_size=cfg.batch_size, seed=cfg.seed, **cfg.data
+    )
+    datamodule.setup("fit")  # bad or missing files fail before training starts
+    module = GlueClassifier(
+        model, task, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio
+    )
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+    trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(out_dir))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        _finish_wandb(trainer)
+    if not trainer.is_global_zero:
+        return {}
+    chosen = module.results(cfg.select)
+    results = {
+        "task": task.name,
+        "model": model_path,
+        "model_name": str(cfg.model),
+        "init": cfg.init,
+        "metrics": chosen["metrics"],  # fractions (accuracy 0.71), correlations in [-1, 1]
+        "score": chosen["score"],  # the task's main score (GLUE convention, lmdistill.glue.tasks)
+        "select": cfg.select,  # best: the best dev epoch; last: the last epoch
+        "epoch": chosen["epoch"] + 1,  # 1-indexed epoch the metrics come from
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "train_examples": len(datamodule.train),
+        "dev_examples": {name: len(f) for name, f in datamodule.dev.items()},
+        "history": module.history,
+        "model_shape": model_shape(model),
+        "precision": str(trainer.precision),
+        "lmdistill_version": __version__,
+    }
+    write_json_atomic(out_dir / "results.json", results)
+    log.info(
+        "%s dev (%s epoch %d): %s; results: %s", task.name, cfg.select, results["epoch"],
+        ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items()), out_dir / "results.json",
+    )  # fmt: skip
+    return results
+
+
+def _finish_wandb(trainer) -> None:
+    """Close W&B runs so the next job of a multirun gets its own run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

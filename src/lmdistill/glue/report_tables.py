@@ -1,0 +1,230 @@
+"""Collect distillation and fine-tuning runs into one table (one row per fine-tuned model).
+
+    dirs --walk--> summary.json (distillation runs), results.json (fine-tuning runs)
+      --join: results.model == summary.export_dir (or the summary beside the model directory)-->
+      rows: method, teacher, student shape, params, GFLOPs, per task best and median dev score
+      over the runs of that model (a grid), average --> report.md, report.csv
+
+Scores are the task's main score (GLUE convention, `lmdistill.glue.tasks`) times 100.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmdistill.errors import UserError
+from lmdistill.glue.tasks import TASKS, get_task
+
+PROVENANCE_FILE = "lmdistill_provenance.json"
+
+
+@dataclass
+class Row:
+    """One fine-tuned model: its origin and every fine-tuning run on it, by task."""
+
+    model: str
+    method: str
+    teacher: str
+    shape: str  # "LxH", e.g. 6x384
+    params: int | None
+    gflops: float | None
+    summary_dir: Path | None = None  # the distillation run, if the model came from one
+    scores: dict[str, list[float]] = field(default_factory=dict)  # task -> main scores x 100
+
+    def best(self, task: str) -> float | None:
+        return max(self.scores[task]) if self.scores.get(task) else None
+
+    def median(self, task: str) -> float | None:
+        return statistics.median(self.scores[task]) if self.scores.get(task) else None
+
+    def average(self, value=None) -> float | None:
+        """Mean over the tasks this model was fine-tuned on of `value` (default: the best score)."""
+        value = value or Row.best
+        scores = [value(self, t) for t in self.scores if self.scores[t]]
+        return sum(scores) / len(scores) if scores else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not readable JSON ({err}); remove or repair it") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; remove or repair it")
+    return data
+
+
+def collect(dirs: list[str | Path]) -> tuple[dict[Path, dict], list[dict]]:
+    """({run dir: summary}, [results]) found under `dirs`, recursively."""
+    summaries: dict[Path, dict] = {}
+    results: list[dict] = []
+    for root in dirs:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory; pass run or sweep directories")
+        for path in sorted(root.rglob("summary.json")):
+            summaries[path.parent.resolve()] = _read_json(path)
+        for path in sorted(root.rglob("results.json")):
+            data = _read_json(path)
+            if "task" not in data or "metrics" not in data:
+                raise UserError(f"{path} has no task/metrics; it is not an lmdistill results.json")
+            results.append({**data, "_dir": str(path.parent)})
+    if not summaries and not results:
+        raise UserError(
+            f"no summary.json or results.json under {', '.join(map(str, dirs))}; "
+            "pass the output directories of lmdistill-distill or lmdistill-finetune runs"
+        )
+    return summaries, results
+
+
+def _summary_of(model: str, by_export: dict[str, Path], summaries: dict[Path, dict]):
+    """The distillation run that exported `model`, if any: (run dir, summary) or (None, None)."""
+    resolved = str(Path(model).expanduser().resolve())
+    if resolved in by_export:
+        run_dir = by_export[resolved]
+        return run_dir, summaries[run_dir]
+    model_dir = Path(resolved)
+    beside = model_dir.parent / "summary.json"
+    if (model_dir / PROVENANCE_FILE).exists() and beside.exists():  # moved or copied run
+        return model_dir.parent, summaries.get(model_dir.parent) or _read_json(beside)
+    return None, None
+
+
+def _shape(student: dict) -> str:
+    layers, hidden = student.get("num_hidden_layers"), student.get("hidden_size")
+    return f"{layers}x{hidden}" if layers and hidden else "?"
+
+
+def build_rows(summaries: dict[Path, dict], results: list[dict]) -> list[Row]:
+    """One row per (model, init) with fine-tuning results, plus distillation runs without any."""
+    by_export = {
+        str(Path(s["export_dir"]).expanduser().resolve()): d
+        for d, s in summaries.items()
+        if s.get("export_dir")
+    }
+    rows: dict[tuple[str, str], Row] = {}
+    used: set[Path] = set()
+    for res in results:
+        init = res.get("init", "pretrained")
+        key = (str(res["model"]), init)
+        if key not in rows:
+            run_dir, summary = _summary_of(res["model"], by_export, summaries)
+            if summary is not None and init == "pretrained":
+                used.add(run_dir)
+                rows[key] = _row_from_summary(run_dir, summary, str(res["model"]))
+            else:
+                shape = res.get("model_shape") or {}
+                name = res.get("model_name") or Path(res["model"]).name
+                rows[key] = Row(
+                    model=str(res["model"]),
+                    method=name if init == "pretrained" else f"{name} (random init)",
+                    teacher=summary["teacher"]["name_or_path"] if summary else "-",
+                    shape=_shape(shape),
+                    params=shape.get("params"),
+                    gflops=shape.get("gflops"),
+                )
+        task = get_task(res["task"])
+        score = res.get("score")
+        if score is None:
+            score = task.main_score(res["metrics"])
+        rows[key].scores.setdefault(task.name, []).append(100.0 * score)
+    for run_dir, summary in summaries.items():
+        if run_dir not in used:
+            rows[(str(summary.get("export_dir")), "distilled")] = _row_from_summary(
+                run_dir, summary, str(summary.get("export_dir"))
+            )
+    return list(rows.values())
+
+
+def _row_from_summary(run_dir: Path, summary: dict, model: str) -> Row:
+    student = summary.get("student", {})
+    teacher = summary.get("teacher", {})
+    return Row(
+        model=model,
+        method=str(summary.get("method", "?")),
+        teacher=str(teacher.get("name_or_path", "?"))
+        if isinstance(teacher, dict)
+        else str(teacher),
+        shape=_shape(student),
+        params=student.get("params"),
+        gflops=student.get("gflops"),
+        summary_dir=run_dir,
+    )
+
+
+def task_columns(rows: list[Row]) -> list[str]:
+    """Tasks that appear in any row, in the order of `TASKS`."""
+    present = {t for r in rows for t in r.scores}
+    return [t for t in TASKS if t in present]
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _params_m(row: Row) -> str:
+    return "-" if row.params is None else f"{row.params / 1e6:.1f}"
+
+
+def to_markdown(rows: list[Row]) -> str:
+    """The best-score table, and a median table when any task has several runs (a grid)."""
+    tasks = task_columns(rows)
+    head = ["method", "teacher", "student (LxH)", "params (M)", "GFLOPs", *tasks, "average"]
+
+    def table(value) -> list[str]:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r.method, Path(r.teacher).name or r.teacher, r.shape, _params_m(r)]
+            cells += [_fmt(r.gflops, 2), *(_fmt(value(r, t)) for t in tasks)]
+            cells.append(_fmt(r.average(value)))
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    out = ["## Dev scores (best run per task)", ""] + table(Row.best)
+    if any(len(v) > 1 for r in rows for v in r.scores.values()):
+        out += ["", "## Median over the runs of each task", ""] + table(Row.median)
+        out += ["", "Runs per task: " + "; ".join(
+            f"{r.method} {r.shape}: " + ", ".join(f"{t} {len(r.scores[t])}" for t in r.scores)
+            for r in rows if r.scores
+        )]  # fmt: skip
+    out += [
+        "",
+        "Scores x 100: CoLA Matthews corr.; STS-B mean of Pearson and Spearman; MRPC, QQP mean "
+        "of F1 and accuracy; MNLI mean of matched and mismatched accuracy; accuracy otherwise. "
+        "Average: mean over the tasks of the row. GFLOPs per 128-token sequence.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def to_csv(rows: list[Row], path: str | Path) -> Path:
+    tasks = task_columns(rows)
+    head = ["method", "teacher", "student", "params", "gflops"]
+    head += [f"{t}{suffix}" for t in tasks for suffix in ("", "_median", "_runs")]
+    head += ["average", "model"]
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(head)
+        for r in rows:
+            cells = [r.method, r.teacher, r.shape, r.params, r.gflops]
+            for t in tasks:
+                cells += [r.best(t), r.median(t), len(r.scores.get(t, []))]
+            writer.writerow([*cells, r.average(), r.model])
+    return path
+
+
+def loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, train/loss) from a run's logs/metrics.csv; empty when there is none."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    steps, losses = [], []
+    if path.exists():
+        with open(path, newline="") as f:
+            for record in csv.DictReader(f):
+                if record.get("train/loss") not in (None, ""):
+                    steps.append(int(float(record["step"])))
+                    losses.append(float(record["train/loss"]))
+    return steps, losses
