@@ -104,3 +104,27 @@ def read_metrics(path: Path) -> list[dict]:
 def step_losses(path: Path) -> dict[int, float]:
     """{global step: train/loss} from a metrics.csv."""
     return {int(r["step"]): r["train/loss"] for r in read_metrics(path) if "train/loss" in r}
+
+
+def compose_distill(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmdistill.resources import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("distill", overrides=overrides, return_hydra_config=True)
+
+
+def resolved_config(cfg, output_dir: Path) -> dict:
+    """Everything resolved, `${hydra:...}` from the composed hydra config."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, check_ok, cli_env, read_metrics, run_cli, step_losses, write_corpus
+from cli_helpers import (
+    TINY,
+    check_ok,
+    cli_env,
+    compose_distill,
+    read_metrics,
+    resolved_config,
+    run_cli,
+    step_losses,
+    write_corpus,
+)
 
 MAIN_STEPS = 30
 
@@ -290,32 +300,8 @@ def test_multirun_gives_one_wandb_run_per_job(sweep):
 # --- 7. config composition (in-process) ---------------------------------------------------------
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmdistill.resources import CONF_DIR, register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("distill", overrides=overrides, return_hydra_config=True)
-
-
-def _resolved(cfg, output_dir: Path) -> dict:
-    """Everything resolved, `${hydra:...}` from the composed hydra config."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
-
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-
-
 def test_experiment_bert_large_l6(tmp_path, cache_dir):
-    cfg = _resolved(_compose(["experiment=minilm_v2_bert-large_L6"]), tmp_path)
+    cfg = resolved_config(compose_distill(["experiment=minilm_v2_bert-large_L6"]), tmp_path)
     assert cfg["teacher"]["name_or_path"] == "google-bert/bert-large-uncased"
     assert cfg["teacher"]["layer"] == 21 and cfg["method"]["teacher_layer"] == 21
     assert cfg["method"]["relation_heads"] == 64
@@ -330,7 +316,7 @@ def test_experiment_bert_large_l6(tmp_path, cache_dir):
 
 
 def test_experiment_bert_base_l3(tmp_path, cache_dir):
-    cfg = _resolved(_compose(["experiment=minilm_v2_bert-base_L3"]), tmp_path)
+    cfg = resolved_config(compose_distill(["experiment=minilm_v2_bert-base_L3"]), tmp_path)
     assert cfg["teacher"]["name_or_path"] == "google-bert/bert-base-uncased"
     assert cfg["teacher"]["layer"] is None and cfg["method"]["teacher_layer"] is None
     assert cfg["method"]["relation_heads"] == 32
@@ -342,8 +328,8 @@ def test_experiment_bert_base_l3(tmp_path, cache_dir):
     assert cfg["data"]["batch_size"] * cfg["trainer"]["devices"] == 1024
 
 
-def test_defaults_compose(tmp_path, cache_dir):
-    cfg = _resolved(_compose([]), tmp_path)
+def test_defaultscompose_distill(tmp_path, cache_dir):
+    cfg = resolved_config(compose_distill([]), tmp_path)
     assert cfg["method"]["_target_"] == "lmdistill.modules.MiniLMv2"
     assert cfg["data"]["source"] == "sample"
     assert Path(cfg["teacher"]["name_or_path"], "config.json").is_file()  # the offline teacher
@@ -366,7 +352,7 @@ def test_every_group_option_composes(group, tmp_path, cache_dir):
     options = _options(group)
     assert len(options) >= 2
     for option in options:
-        cfg = _resolved(_compose([f"{group}={option}"]), tmp_path)
+        cfg = resolved_config(compose_distill([f"{group}={option}"]), tmp_path)
         assert cfg[group], (group, option)
         if group == "student":
             shape = cfg["student"]

@@ -5,33 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_helpers import compose_distill, resolved_config
 
 TEACHERS = {"bert-base": "google-bert/bert-base-uncased",
             "bert-large": "google-bert/bert-large-uncased"}  # fmt: skip
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmdistill.resources import CONF_DIR, register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("distill", overrides=overrides, return_hydra_config=True)
-
-
-def _resolved(cfg, output_dir: Path) -> dict:
-    """Everything resolved, `${hydra:...}` from the composed hydra config."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
-
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
 @pytest.mark.parametrize("layers", [3, 4, 6])
@@ -41,7 +18,7 @@ def test_minimoe_recipe(teacher, layers, tmp_path, cache_dir):
 
     name = f"minimoe_{teacher}_L{layers}"
     assert (Path(lmdistill.resources.CONF_DIR) / "experiment" / f"{name}.yaml").is_file()
-    cfg = _resolved(_compose([f"experiment={name}"]), tmp_path)
+    cfg = resolved_config(compose_distill([f"experiment={name}"]), tmp_path)
     assert cfg["teacher"]["name_or_path"] == TEACHERS[teacher]
     assert cfg["teacher"]["layer"] is None and cfg["method"]["teacher_layer"] is None  # last
     assert (cfg["student"]["num_hidden_layers"], cfg["student"]["hidden_size"]) == (layers, 384)
@@ -63,7 +40,7 @@ def test_minimoe_recipe(teacher, layers, tmp_path, cache_dir):
 
 def test_moe_override_wins_over_the_recipe(tmp_path, cache_dir):
     """A sweep `experiment=minimoe_... moe=1x1,1x4,2x4` really changes the experts."""
-    cfg = _resolved(_compose(["experiment=minimoe_bert-base_L3", "moe=2x4"]), tmp_path)
+    cfg = resolved_config(compose_distill(["experiment=minimoe_bert-base_L3", "moe=2x4"]), tmp_path)
     moe = cfg["method"]["moe"]
     assert (moe["attention_experts"], moe["ffn_experts"]) == (2, 4)
     assert cfg["method"]["relation_heads"] == 32

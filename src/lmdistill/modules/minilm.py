@@ -28,6 +28,40 @@ def _check_teacher_layer(teacher_layer: int | None, teacher) -> None:
         )
 
 
+def check_relation_heads(relation_heads: int, teacher, student) -> int:
+    """R must divide both hidden sizes (METHODS.md section 2)."""
+    for who, size in (("teacher", teacher.hidden_size), ("student", student.config.hidden_size)):
+        if relation_heads < 1 or size % relation_heads:
+            raise UserError(
+                f"method.relation_heads={relation_heads} does not divide the {who} hidden size "
+                f"{size}; choose relation heads that divide both hidden sizes"
+            )
+    return int(relation_heads)
+
+
+def check_relation_weights(relation_weights: dict | None) -> dict:
+    """{qq, kk, vv} weights with a positive sum (missing ones default to 1)."""
+    weights = {"qq": 1.0, "kk": 1.0, "vv": 1.0, **(relation_weights or {})}
+    if set(weights) != {"qq", "kk", "vv"} or sum(weights.values()) <= 0:
+        raise UserError(
+            f"method.relation_weights={dict(weights)} must give qq, kk, vv with a "
+            "positive sum; e.g. {qq: 1, kk: 1, vv: 1}"
+        )
+    return weights
+
+
+def self_relation_terms(teacher: QKV, student: QKV, attention_mask, heads: int, weights: dict,
+                        reduction: str) -> dict:  # fmt: skip
+    """MiniLM v2's Q-Q, K-K, V-V relation KLs (terms with weight 0 are skipped)."""
+    pairs = {"qq": (teacher.query, student.query), "kk": (teacher.key, student.key),
+             "vv": (teacher.value, student.value)}  # fmt: skip
+    return {
+        name: relation_kl((t, t), (s, s), attention_mask, heads, reduction)
+        for name, (t, s) in pairs.items()
+        if weights[name]
+    }
+
+
 class MiniLMv2(DistillationModule):
     """Multi-head self-attention relation distillation (METHODS.md section 2).
 
@@ -46,37 +80,16 @@ class MiniLMv2(DistillationModule):
         relation_site: str = "last_layer",
         optim: dict | None = None,
     ):
-        for who, size in (
-            ("teacher", teacher.hidden_size),
-            ("student", student.config.hidden_size),
-        ):
-            if relation_heads < 1 or size % relation_heads:
-                raise UserError(
-                    f"method.relation_heads={relation_heads} does not divide the {who} hidden size "
-                    f"{size}; choose relation heads that divide both hidden sizes"
-                )
+        relation_heads = check_relation_heads(relation_heads, teacher, student)
         _check_teacher_layer(teacher_layer, teacher)
         super().__init__(teacher, student, relation_site, optim)
-        self.relation_heads = int(relation_heads)
-        self.relation_weights = {"qq": 1.0, "kk": 1.0, "vv": 1.0, **(relation_weights or {})}
-        if (
-            set(self.relation_weights) != {"qq", "kk", "vv"}
-            or sum(self.relation_weights.values()) <= 0
-        ):
-            raise UserError(
-                f"method.relation_weights={dict(self.relation_weights)} must give qq, kk, vv with a "
-                "positive sum; e.g. {qq: 1, kk: 1, vv: 1}"
-            )
+        self.relation_heads = relation_heads
+        self.relation_weights = check_relation_weights(relation_weights)
         self.reduction = _check_reduction(reduction)
 
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
-        pairs = {"qq": (teacher.query, student.query), "kk": (teacher.key, student.key),
-                 "vv": (teacher.value, student.value)}  # fmt: skip
-        return {
-            name: relation_kl((t, t), (s, s), attention_mask, self.relation_heads, self.reduction)
-            for name, (t, s) in pairs.items()
-            if self.relation_weights[name]
-        }
+        return self_relation_terms(teacher, student, attention_mask, self.relation_heads,
+                                   self.relation_weights, self.reduction)  # fmt: skip
 
     def combine(self, terms: dict) -> torch.Tensor:
         total = sum(self.relation_weights.values())

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from lmdistill.errors import UserError
-from lmdistill.losses import relation_kl
 from lmdistill.models.capture import QKV, _Captured
 from lmdistill.models.moe import (
     MiniMoEModel,
@@ -23,7 +22,13 @@ from lmdistill.models.moe import (
     router_entropy,
 )
 from lmdistill.modules.base import DistillationModule, _model_inputs
-from lmdistill.modules.minilm import _check_reduction, _check_teacher_layer
+from lmdistill.modules.minilm import (
+    _check_reduction,
+    _check_teacher_layer,
+    check_relation_heads,
+    check_relation_weights,
+    self_relation_terms,
+)
 
 
 @dataclass
@@ -57,30 +62,14 @@ class MiniMoE(DistillationModule):
         optim: dict | None = None,
     ):
         settings = moe if isinstance(moe, MoESettings) else MoESettings(**(moe or {}))
-        for who, size in (
-            ("teacher", teacher.hidden_size),
-            ("student", student.config.hidden_size),
-        ):
-            if relation_heads < 1 or size % relation_heads:
-                raise UserError(
-                    f"method.relation_heads={relation_heads} does not divide the {who} hidden size "
-                    f"{size}; choose relation heads that divide both hidden sizes"
-                )
+        relation_heads = check_relation_heads(relation_heads, teacher, student)
         _check_teacher_layer(teacher_layer, teacher)
         if float(settings.balance_weight) < 0:
             raise UserError(f"moe.balance_weight={settings.balance_weight} must be >= 0")
         self.moe = settings
         super().__init__(teacher, build_moe_student(student, settings), relation_site, optim)
-        self.relation_heads = int(relation_heads)
-        self.relation_weights = {"qq": 1.0, "kk": 1.0, "vv": 1.0, **(relation_weights or {})}
-        if (
-            set(self.relation_weights) != {"qq", "kk", "vv"}
-            or sum(self.relation_weights.values()) <= 0
-        ):
-            raise UserError(
-                f"method.relation_weights={dict(self.relation_weights)} must give qq, kk, vv with a "
-                "positive sum; e.g. {qq: 1, kk: 1, vv: 1}"
-            )
+        self.relation_heads = relation_heads
+        self.relation_weights = check_relation_weights(relation_weights)
         self.reduction = _check_reduction(reduction)
 
     # --- forward and loss --------------------------------------------------------------------
@@ -109,13 +98,8 @@ class MiniMoE(DistillationModule):
         raise RuntimeError("the student's last layer was never reached")
 
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
-        pairs = {"qq": (teacher.query, student.query), "kk": (teacher.key, student.key),
-                 "vv": (teacher.value, student.value)}  # fmt: skip
-        terms = {
-            name: relation_kl((t, t), (s, s), attention_mask, self.relation_heads, self.reduction)
-            for name, (t, s) in pairs.items()
-            if self.relation_weights[name]
-        }
+        terms = self_relation_terms(teacher, student, attention_mask, self.relation_heads,
+                                    self.relation_weights, self.reduction)  # fmt: skip
         balance = self.balance_loss()
         if balance is not None:
             terms["balance"] = balance
