@@ -27,6 +27,7 @@ from lmdistill.models import build_student, export_student, load_teacher
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.runs import config_key, record_run, resolve_ckpt_path
+from lmdistill.tracking import finish_wandb
 
 log = logging.getLogger("lmdistill")
 register_resolvers()
@@ -147,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
         final = out_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # the full final state
     finally:
-        _finish_wandb(trainer)
+        finish_wandb(trainer)
     if not trainer.is_global_zero:
         return {}
     if export_dir is not None:
@@ -182,16 +183,6 @@ def provenance(cfg: DictConfig, module, trainer) -> dict:
         "tokens_seen": module.tokens_seen,
         "seed": cfg.seed,
     }
-
-
-def _finish_wandb(trainer) -> None:
-    """Close W&B runs so the next job of a multirun gets its own run."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-        import wandb
-
-        wandb.finish()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")

@@ -30,6 +30,7 @@ from lmdistill.io import write_json_atomic
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
+from lmdistill.tracking import finish_wandb
 
 log = logging.getLogger("lmdistill")
 register_resolvers()
@@ -95,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=datamodule)
     finally:
-        _finish_wandb(trainer)
+        finish_wandb(trainer)
     if not trainer.is_global_zero:
         return {}
     chosen = module.results(cfg.select)
@@ -125,16 +126,6 @@ def run(cfg: DictConfig) -> dict:
         ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items()), out_dir / "results.json",
     )  # fmt: skip
     return results
-
-
-def _finish_wandb(trainer) -> None:
-    """Close W&B runs so the next job of a multirun gets its own run."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-        import wandb
-
-        wandb.finish()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
