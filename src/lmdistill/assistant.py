@@ -122,10 +122,12 @@ def _teacher_depth(cfg: DictConfig) -> int:
 
 
 def _name_wandb_run(stage: DictConfig, cfg: DictConfig, stage_name: str) -> None:
-    """W&B: both stages' runs grouped under the run directory's name."""
+    """W&B: both stages' runs grouped under the sweep's group, or else the run directory's name."""
     if "wandb" in (cfg.get("logger") or {}):
-        _set(stage, "logger.wandb.group", Path(cfg.paths.output_dir).name)
-        _set(stage, "logger.wandb.name", stage_name)
+        sweep = cfg.logger.wandb.group  # set in a multirun
+        job = Path(cfg.paths.output_dir).name
+        _set(stage, "logger.wandb.group", sweep or job)
+        _set(stage, "logger.wandb.name", f"{job}/{stage_name}" if sweep else stage_name)
 
 
 def _set(cfg: DictConfig, key: str, value) -> None:

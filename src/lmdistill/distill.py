@@ -10,6 +10,8 @@ exports the student and writes the summary. Everything else lives in the objects
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -18,15 +20,18 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmdistill import __version__
+from lmdistill.distributed import job_scope, wait_for_ranks
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
 from lmdistill.models import build_student, export_student, load_teacher
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.runs import config_key, record_run, resolve_ckpt_path
+from lmdistill.safe_stop import EXIT_SIGNALLED, CheckpointOnStop
 from lmdistill.tracking import finish_wandb
 
 log = logging.getLogger("lmdistill")
@@ -139,14 +144,24 @@ def run(cfg: DictConfig) -> dict:
     module, datamodule, trainer = build(cfg)
     if checkpoint is not None:
         check_checkpoint_matches(checkpoint, module, ckpt_path)
+        check_world_size(checkpoint, trainer, ckpt_path)
         del checkpoint
+    log.info(
+        "rank %d of %d: config %s, pid %d on %s, CUDA_VISIBLE_DEVICES=%s, resuming from %s",
+        trainer.global_rank, trainer.world_size, key, os.getpid(), socket.gethostname(),
+        os.environ.get("CUDA_VISIBLE_DEVICES", ""), ckpt_path,
+    )  # fmt: skip
     record_run(cfg.paths.cache_dir, key, out_dir)  # `ckpt_path=last` of a later run finds it
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:
+            _exit_after_signal(trainer)
         final = out_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # the full final state
+        wait_for_ranks(trainer)  # the ranks this process started have finished too
     finally:
         finish_wandb(trainer)
     if not trainer.is_global_zero:
@@ -164,6 +179,24 @@ def run(cfg: DictConfig) -> dict:
         summary["steps"], export_dir, out_dir / "summary.json",
     )  # fmt: skip
     return summary
+
+
+def check_world_size(checkpoint: dict, trainer, path: str) -> None:
+    """Each rank's data position and RNG are in the checkpoint: the rank count must not change."""
+    written_by = int(checkpoint.get("lmdistill", {}).get("world_size", 1))
+    if written_by != trainer.world_size:
+        raise UserError(
+            f"checkpoint {path} was written by {written_by} process(es) but this run has "
+            f"{trainer.world_size}; resume with trainer.devices x trainer.num_nodes = {written_by}"
+        )
+
+
+def _exit_after_signal(trainer) -> None:
+    """SIGTERM (or a pre-emption signal) stopped training and last.ckpt is written: exit."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, CheckpointOnStop):
+            callback.run_previous_handler()  # submitit: requeue this job (and exit)
+    raise SystemExit(EXIT_SIGNALLED)
 
 
 def provenance(cfg: DictConfig, module, trainer) -> dict:
@@ -188,12 +221,13 @@ def provenance(cfg: DictConfig, module, trainer) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    if cfg.method.get("assistant") is not None:
-        from lmdistill.assistant import run_with_assistant
+    with job_scope():  # the next job of a sweep starts with a clean process
+        if cfg.method.get("assistant") is not None:
+            from lmdistill.assistant import run_with_assistant
 
-        run_with_assistant(cfg)
-    else:
-        run(cfg)
+            run_with_assistant(cfg)
+        else:
+            run(cfg)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,17 @@ def report_user_errors(func: F) -> F:
             user_error = _as_user_error(err)
             if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"lmdistill: error: {user_error}", file=sys.stderr, flush=True)
+            if _is_first_rank():  # DDP: every rank fails alike; one line is enough
+                print(f"lmdistill: error: {user_error}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _is_first_rank() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _as_user_error(err: BaseException) -> UserError | None:

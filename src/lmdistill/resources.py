@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -33,8 +34,62 @@ def _tiny_teacher(cache_dir: str) -> str:
     return ensure_tiny_teacher(cache_dir)
 
 
+def _hydra_config():
+    """Hydra's config of the running job, or None outside a Hydra app (compose, tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _is_multirun(hydra_cfg) -> bool:
+    from hydra.types import RunMode
+
+    return hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+
+
+def _relative_to_cwd(path: str, cwd: str | None = None) -> str:
+    """`path` relative to the launch directory when it lies inside it, else absolute."""
+    cwd = cwd or os.getcwd()
+    path = os.path.abspath(os.path.join(cwd, path))
+    relative = os.path.relpath(path, cwd)
+    return path if relative == ".." or relative.startswith("../") else relative
+
+
+def sweep_group(sweep_dir: str, cwd: str | None = None) -> str:
+    """A sweep's W&B group: its directory relative to the launch directory (`cwd`), e.g.
+    `multirun/2025-01-31/12-00-00`, or absolute when outside it."""
+    return _relative_to_cwd(sweep_dir, cwd)
+
+
+def _sweep_group() -> str | None:
+    """`${sweep_group:}`: all jobs of a multirun share it, other sweeps differ; None for a run."""
+    hydra_cfg = _hydra_config()
+    if not _is_multirun(hydra_cfg):
+        return None
+    return sweep_group(str(hydra_cfg.sweep.dir), hydra_cfg.runtime.cwd)
+
+
+def _job_name() -> str | None:
+    """`${job_name:}`: a multirun job's subdirectory (`<num>_<overrides>`, unique in the sweep);
+    a single run's overrides (`hydra.job.override_dirname`), else its output directory."""
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None:
+        return None  # W&B picks a name
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir")
+    if _is_multirun(hydra_cfg):
+        return os.path.relpath(output_dir, os.path.join(hydra_cfg.runtime.cwd, hydra_cfg.sweep.dir))
+    overrides = OmegaConf.select(hydra_cfg, "job.override_dirname")
+    if overrides:
+        return overrides
+    return _relative_to_cwd(output_dir, hydra_cfg.runtime.cwd) if output_dir else None
+
+
 def register_resolvers() -> None:
-    """`${package_dir:pkg,sub}` and `${tiny_teacher:cache_dir}` for the configs (idempotent)."""
+    """`${package_dir:pkg,sub}`, `${tiny_teacher:cache_dir}`, `${sweep_group:}` and
+    `${job_name:}` for the configs (idempotent)."""
     for name, fn in (("package_dir", package_dir), ("tiny_teacher", _tiny_teacher)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
+    for name, fn in (("sweep_group", _sweep_group), ("job_name", _job_name)):
+        if not OmegaConf.has_resolver(name):  # per job: never cached
+            OmegaConf.register_new_resolver(name, fn, use_cache=False)

@@ -61,7 +61,14 @@ def previous_checkpoint(
 
 
 def resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
-    """`ckpt_path` as given, or for `last` the checkpoint of the newest earlier identical run."""
+    """`ckpt_path` as given; for `last` the checkpoint of the newest earlier identical run.
+
+    Without `ckpt_path`, a run whose output directory already holds `checkpoints/last.ckpt` (a
+    requeued SLURM job, a run restarted in place) continues from it instead of overwriting it.
+    """
+    if cfg.ckpt_path is None:
+        own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        return str(own) if own.is_file() else None
     if cfg.ckpt_path != LAST:
         return cfg.ckpt_path
     checkpoint = previous_checkpoint(cfg.paths.cache_dir, key)

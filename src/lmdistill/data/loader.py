@@ -18,7 +18,10 @@ from typing import Any
 import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lmdistill.distributed import gather_from_ranks
+
 _EPOCH_KEY = "lmdistill_epoch"
+_POSITIONS_KEY = "lmdistill_data_positions"
 
 
 class ResumableDataLoader(StatefulDataLoader):
@@ -69,9 +72,25 @@ class ResumableDataLoader(StatefulDataLoader):
 
 
 class DataPositionCallback(L.Callback):
-    """Tells the train loader which batch is being trained, so checkpoints resume exactly."""
+    """Resume every rank's data stream exactly where it stopped.
+
+    Tells the train loader which batch is being trained (see `ResumableDataLoader`). Lightning
+    checkpoints only rank 0's loader state, so the states of all ranks are gathered into the
+    checkpoint and each rank gets its own back on resume.
+    """
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         loader = trainer.train_dataloader
         if hasattr(loader, "mark_batch_consumed"):
             loader.mark_batch_consumed()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        loader = trainer.train_dataloader
+        if hasattr(loader, "mark_batch_consumed"):
+            checkpoint[_POSITIONS_KEY] = gather_from_ranks(loader.state_dict())  # [rank]
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        positions = checkpoint.get(_POSITIONS_KEY)
+        loop_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        if positions and "combined_loader" in loop_state:  # read by the fit loop, after this hook
+            loop_state["combined_loader"] = [positions[trainer.global_rank]]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from lmdistill.distributed import gather_from_ranks
 from lmdistill.errors import UserError
 from lmdistill.models.capture import QKV, forward_qkv
 from lmdistill.models.flops import encoder_gflops
@@ -35,6 +36,7 @@ class OptimSettings:
     weight_decay: float = 0.01  # not applied to biases and LayerNorm (1-D parameters)
     warmup_ratio: float = 0.01  # fraction of the total optimizer steps
     warmup_steps: int | None = None  # overrides warmup_ratio when set
+    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
 
 
 class DistillationModule(L.LightningModule):
@@ -74,6 +76,9 @@ class DistillationModule(L.LightningModule):
         self._rng_to_restore: dict | None = None
         self._run_tokens = 0  # timed tokens and seconds of this run (resumed runs start anew)
         self._run_seconds = 0.0
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
+        self._nonfinite_in_a_row = 0
+        self._last_scale: float | None = None
 
     # --- what a method defines -------------------------------------------------------------
 
@@ -105,6 +110,10 @@ class DistillationModule(L.LightningModule):
         student = self.student_qkv(batch)
         terms = self.loss_terms(teacher, student, batch["attention_mask"])
         loss = self.combine(terms)
+        finite = self._count_step(loss)
+        if not finite:
+            return self._skip_nonfinite_step()
+        self._nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss_{name}": value for name, value in terms.items()})
         self.loss_first = float(loss.detach()) if self.loss_first is None else self.loss_first
@@ -112,10 +121,36 @@ class DistillationModule(L.LightningModule):
         self.batches_this_run += 1
         return loss
 
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # counted on the host batch (no device sync), before any checkpoint of this step is written
-        self._batch_tokens = int(batch["attention_mask"].sum()) * self._world_size
+    def _count_step(self, loss: torch.Tensor) -> bool:
+        """Add all ranks' tokens of this batch to `tokens_seen`; whether every rank's loss is
+        finite (ranks must skip a step together). One sum over ranks, one host sync."""
+        local = torch.stack(
+            [(~torch.isfinite(loss.detach())).long(), torch.tensor(self._batch_tokens, device=loss.device)]
+        )  # fmt: skip
+        if self._world_size > 1:
+            local = self.trainer.strategy.reduce(local, reduce_op="sum")
+        nonfinite_ranks, tokens = local.tolist()
+        self._batch_tokens = int(tokens)
         self.tokens_seen += self._batch_tokens
+        return nonfinite_ranks == 0
+
+    def _skip_nonfinite_step(self) -> None:
+        """Skip this step (no backward, no weight update); stop after too many in a row."""
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        limit = self.optim.max_nonfinite_steps
+        if self._nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"the loss was not finite for {limit} steps in a row (up to step "
+                f"{self.trainer.global_step}); the last finite state is in checkpoints/last.ckpt: "
+                "lower optim.lr, use trainer.precision=bf16-mixed or 32, or check the data, then "
+                "resume with ckpt_path=last"
+            )
+        return None  # Lightning skips backward and the optimizer update
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        self._batch_tokens = int(batch["attention_mask"].sum())  # this rank's; on the host batch
         return batch
 
     # --- bookkeeping -----------------------------------------------------------------------
@@ -144,6 +179,19 @@ class DistillationModule(L.LightningModule):
         self.log("train/tokens_per_second", tokens / max(seconds, 1e-9), prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/global_batch_size", float(sequences * self.trainer.accumulate_grad_batches))
+        self._log_loss_scale()
+
+    def _log_loss_scale(self) -> None:
+        """16-mixed: log the gradient scaler's scale and count the steps it skipped (overflow)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        scale = scaler.get_scale()  # host sync, only under 16-mixed
+        if self._last_scale is not None and scale < self._last_scale:
+            self.nonfinite_steps += 1  # the scaler found inf/NaN gradients and skipped the step
+        self._last_scale = scale
+        self.log("train/loss_scale", float(scale))
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
 
     def student_gflops(self, seq_len: int = 128) -> float:
         """Inference GFLOPs of the exported student for one sequence (methods may override)."""
@@ -169,17 +217,22 @@ class DistillationModule(L.LightningModule):
         checkpoint["lmdistill"] = {
             "tokens_seen": self.tokens_seen,
             "loss_first": self.loss_first,
-            "rng": _rng_states(),  # dropout masks resume exactly
+            "nonfinite_steps": self.nonfinite_steps,
+            "world_size": self._world_size,
+            "rng": gather_from_ranks(_rng_states()),  # [rank]: every rank's dropout resumes exactly
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("lmdistill", {})
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.loss_first = state.get("loss_first")
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         # Restored at the first batch: creating the resumed DataLoader iterator draws from the RNG.
-        # Only rank 0 writes checkpoints, so other ranks keep their own (rank-seeded) streams.
         rng = state.get("rng")
-        self._rng_to_restore = rng if rng is not None and self.trainer.global_rank == 0 else None
+        rng = (
+            [rng] if isinstance(rng, dict) else rng
+        )  # checkpoints of lmdistill <= 0.1: rank 0 only
+        self._rng_to_restore = rng[self.trainer.global_rank] if rng else None
 
     # --- optimisation ----------------------------------------------------------------------
 
@@ -238,6 +291,10 @@ class DistillationModule(L.LightningModule):
                 frozen.append(name)
             parameter.grad = None
         return frozen
+
+
+class NonFiniteLossError(UserError):
+    """Too many consecutive steps had a non-finite loss; the run stops with a checkpoint."""
 
 
 def _rng_states() -> dict:

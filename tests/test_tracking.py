@@ -1,0 +1,224 @@
+"""W&B tracking: one offline run per job, grouped per sweep, named per job, the config logged.
+
+The offline run files (`<job>/wandb/offline-run-*/run-*.wandb`) are read back directly: wandb
+0.31 ships no Python reader, so `_wandb_records` decodes the format (a LevelDB-style log of
+`wandb_internal_pb2.Record` protobufs) itself, checksums included.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_helpers import TINY, check_ok, compose_distill, run_cli, write_corpus
+
+from lmdistill.resources import sweep_group
+
+# --- reading an offline run -------------------------------------------------------------------
+
+_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)  # ident, magic, version
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a `.wandb` file: 7-byte chunk headers (crc32, length, type) in 32 KiB
+    blocks, a record split over blocks as FIRST, MIDDLE..., LAST chunks."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data.startswith(_HEADER), data[:7]
+    records, parts, pos = [], [], len(_HEADER)
+    while pos + 7 <= len(data):
+        if _BLOCK - pos % _BLOCK < 7:  # a block's tail too short for a chunk header: padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        if kind == 0:  # zeros: the end of what was written
+            break
+        chunk = data[pos + 7 : pos + 7 + length]
+        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad checksum at byte {pos} of {path}"
+        pos += 7 + length
+        parts.append(chunk)
+        if kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(b"".join(parts))
+            records.append(record)
+            parts = []
+    return records
+
+
+def _set(config: dict, item) -> None:
+    keys = list(item.nested_key) or [item.key]
+    node = config
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = json.loads(item.value_json)
+
+
+def read_offline_run(job: Path) -> tuple:
+    """(the run record, the config as logged) of the one offline W&B run in a job directory."""
+    (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
+    records = _wandb_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config: dict = {}
+    for item in run.config.update:
+        _set(config, item)
+    for record in records:  # log_hyperparams: config updates after wandb.init
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                _set(config, item)
+    return run, config
+
+
+# --- real runs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, cache_dir) -> Path:
+    path = tmp_path_factory.mktemp("tracking")
+    write_corpus(path / "corpus.txt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(workdir, cache_dir) -> Path:
+    out = workdir / "sweep"
+    check_ok(
+        run_cli(
+            [
+                "-m",
+                *TINY,
+                f"data.paths=[{workdir / 'corpus.txt'}]",
+                "method=minilm_v1,minilm_v2",
+                "trainer.max_steps=2",
+                "logger=[csv,wandb]",
+                f"hydra.sweep.dir={out}",
+            ],  # fmt: skip
+            workdir,
+            cache_dir,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(workdir, cache_dir) -> Path:
+    out = workdir / "single"
+    check_ok(
+        run_cli(
+            [
+                *TINY,
+                f"data.paths=[{workdir / 'corpus.txt'}]",
+                "trainer.max_steps=1",
+                "logger=wandb",
+                f"hydra.run.dir={out}",
+            ],  # fmt: skip
+            workdir,
+            cache_dir,
+        )
+    )
+    return out
+
+
+def _jobs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+
+
+def test_sweep_jobs_share_the_sweeps_group(sweep, workdir):
+    runs = [read_offline_run(job)[0] for job in _jobs(sweep)]
+    assert len(runs) == 2 and runs[0].run_id != runs[1].run_id
+    groups = {run.run_group for run in runs}
+    assert groups == {"sweep"}  # hydra.sweep.dir relative to where the sweep was started
+    assert groups == {sweep_group(str(sweep), str(workdir))}
+    assert {run.project for run in runs} == {"lmdistill"}
+
+
+def test_sweep_jobs_are_named_after_their_directories(sweep):
+    jobs = _jobs(sweep)
+    names = [read_offline_run(job)[0].display_name for job in jobs]
+    assert names == [job.name for job in jobs]  # 0_...,method=minilm_v1,...
+    assert len(set(names)) == 2 and all(names)
+
+
+def test_sweep_jobs_log_their_resolved_config(sweep):
+    targets = {}
+    for job in _jobs(sweep):
+        _, config = read_offline_run(job)
+        assert "${" not in json.dumps(config)  # resolved, interpolations and resolvers alike
+        assert config["trainer"]["max_steps"] == 2
+        assert config["logger"]["wandb"]["group"] == "sweep"
+        assert config["logger"]["wandb"]["name"] == job.name
+        assert config["paths"]["output_dir"] == str(job)
+        assert config["data"]["paths"] == [str(sweep.parent / "corpus.txt")]
+        method = re.search(r"[_,]method=(\w+)", job.name)[1]  # the job's own override
+        targets[method] = config["method"]["_target_"]
+    assert targets == {
+        "minilm_v1": "lmdistill.modules.MiniLMv1",
+        "minilm_v2": "lmdistill.modules.MiniLMv2",
+    }
+
+
+def test_single_run_has_no_group(single):
+    run, config = read_offline_run(single)
+    assert run.run_group == "" and config["logger"]["wandb"]["group"] is None
+    hydra = yaml.safe_load((single / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert run.display_name == hydra["job"]["override_dirname"]  # its overrides
+    assert "student=tiny" in run.display_name
+    assert config["trainer"]["max_steps"] == 1
+
+
+# --- the resolvers, in-process --------------------------------------------------------------------
+
+
+@pytest.fixture
+def hydra_job(cache_dir):
+    """Set Hydra's job config as a launcher would (started in /home/me/project)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    saved = HydraConfig.instance().cfg
+
+    def make(overrides, mode, output_dir, sweep_dir="multirun/x", dirname=None):
+        cfg = compose_distill(["logger=wandb", *overrides])
+        with read_write(cfg), open_dict(cfg):
+            cfg.hydra.mode = RunMode[mode]
+            if dirname is not None:
+                cfg.hydra.job.override_dirname = dirname
+            cfg.hydra.sweep.dir = sweep_dir
+            cfg.hydra.runtime.output_dir = output_dir
+            cfg.hydra.runtime.cwd = "/home/me/project"
+        HydraConfig.instance().set_config(cfg)
+        wandb = OmegaConf.to_container(cfg.logger.wandb, resolve=True)  # as the job resolves it
+        return wandb["group"], wandb["name"]
+
+    yield make
+    HydraConfig.instance().cfg = saved
+
+
+def test_group_and_name_in_a_sweep(hydra_job):
+    a = hydra_job([], "MULTIRUN", "/home/me/project/multirun/d/t1/3_seed=1", "multirun/d/t1")
+    assert a == ("multirun/d/t1", "3_seed=1")
+    b = hydra_job([], "MULTIRUN", "/scratch/sw/0", "/scratch/sw")  # outside the project
+    assert b == ("/scratch/sw", "0")
+    c = hydra_job([], "MULTIRUN", "/home/me/project/multirun/d/t2/3_seed=1", "multirun/d/t2")
+    assert c[0] != a[0]  # another sweep, another group
+
+
+def test_single_run_without_overrides_is_named_after_its_directory(hydra_job):
+    assert hydra_job([], "RUN", "/home/me/project/outputs/d/t", dirname="") == (None, "outputs/d/t")
+    assert hydra_job([], "RUN", "/home/me/project/outputs/d/t", dirname="seed=3") == (
+        None,
+        "seed=3",
+    )
+
+
+def test_group_and_name_can_be_overridden(hydra_job):
+    overrides = ["logger.wandb.group=ablation", "logger.wandb.name=baseline"]
+    assert hydra_job(overrides, "MULTIRUN", "/o") == ("ablation", "baseline")
