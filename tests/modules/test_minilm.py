@@ -125,9 +125,10 @@ def test_minilm_v1_loss_is_attention_transfer_plus_value_relation(
     torch.testing.assert_close(loss.detach(), at + vr, atol=1e-5, rtol=1e-4)
 
 
-def test_loss_terms_are_float32_under_bf16_autocast(teacher, padded_batch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_terms_are_float32_under_autocast(teacher, padded_batch, dtype):
     module = MiniLMv2(teacher, _student(teacher), relation_heads=4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         terms = module.loss_terms(module.teacher_qkv(padded_batch), module.student_qkv(padded_batch),
                                   padded_batch["attention_mask"])  # fmt: skip
     assert all(t.dtype == torch.float32 for t in terms.values())
