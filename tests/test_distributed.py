@@ -204,3 +204,56 @@ def test_each_sweep_job_runs_once_on_every_rank_with_its_own_config(ddp_sweep, w
     assert sorted(methods) == ["minilm_v1", "minilm_v2"]
     # no rank started a sweep or a run of its own elsewhere
     assert not (workdir / "multirun").exists() and not (workdir / "outputs").exists()
+
+
+# --- the command of a rank, and the reset between jobs (in-process) -------------------------------
+
+
+def test_a_rank_runs_only_its_job_with_the_jobs_overrides(tmp_path, cache_dir):
+    from cli_helpers import compose_distill
+    from hydra.conf import ConfigSourceInfo
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lmdistill.distributed import rank_command
+
+    cfg = compose_distill(["method=minilm_v1"])
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = ["method=minilm_v1", "data.paths=[/a b/c.txt]"]
+        cfg.hydra.overrides.hydra = ["hydra.mode=MULTIRUN", "hydra/launcher=ray_gpus",
+                                     "hydra.sweep.dir=/sweeps/1", "hydra.verbose=true"]  # fmt: skip
+        cfg.hydra.job.name = "distill"  # as in a real run (compose says "app")
+        cfg.hydra.runtime.output_dir = "/sweeps/1/0_method=minilm_v1"
+        cfg.hydra.runtime.cwd = str(tmp_path)
+        cfg.hydra.runtime.config_sources.append(
+            ConfigSourceInfo(path="/my/confs", schema="file", provider="command-line")
+        )
+    HydraConfig.instance().set_config(cfg)
+    command, cwd = rank_command(1, "lmdistill.distill")
+    assert command[:3] == [sys.executable, "-m", "lmdistill.distill"]
+    assert command[3:7] == ["--config-name", "distill", "--config-dir", "/my/confs"]
+    assert "-m" not in command[3:] and "--multirun" not in command
+    assert command[7:] == [
+        "hydra.verbose=true",  # the job's own Hydra settings pass; the sweep's do not
+        "method=minilm_v1",
+        "data.paths=[/a b/c.txt]",
+        'hydra.run.dir="/sweeps/1/0_method=minilm_v1"',
+        "hydra.output_subdir=null",
+        "hydra.job.name=distill_rank1",
+    ]
+    assert cwd == str(tmp_path)
+
+
+def test_job_scope_restores_the_environment(monkeypatch):
+    import os
+
+    from lmdistill.distributed import job_scope
+
+    monkeypatch.setenv("KEEP", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with job_scope("lmdistill.finetune"):
+        assert os.environ["LMDISTILL_ENTRY_MODULE"] == "lmdistill.finetune"
+        os.environ.update(LOCAL_RANK="0", WORLD_SIZE="2", MASTER_PORT="1234", KEEP="2")
+    assert "LOCAL_RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    assert "MASTER_PORT" not in os.environ and "LMDISTILL_ENTRY_MODULE" not in os.environ
+    assert os.environ["KEEP"] == "1"

@@ -221,7 +221,7 @@ def provenance(cfg: DictConfig, module, trainer) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    with job_scope():  # the next job of a sweep starts with a clean process
+    with job_scope("lmdistill.distill"):  # the next job of a sweep starts with a clean process
         if cfg.method.get("assistant") is not None:
             from lmdistill.assistant import run_with_assistant
 

@@ -10,7 +10,6 @@ its ranks afresh. Under SLURM or torchrun (ranks started outside) nothing is lau
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-log = logging.getLogger("lmdistill")
+_ENTRY_ENV = "LMDISTILL_ENTRY_MODULE"
 
 # Hydra settings of the sweep itself; a rank runs one job, so none of them may reach it.
 _SWEEP_ONLY = ("hydra.mode", "hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper",
@@ -81,10 +80,11 @@ class _JobLauncher(_SubprocessScriptLauncher):
 class HydraDDPStrategy(DDPStrategy):
     """`DDPStrategy` whose ranks re-run only the current Hydra job (see the module docstring).
 
-    entry_module: the `python -m` module of the Hydra app that ranks 1..N-1 run.
+    entry_module: the `python -m` module of the Hydra app that ranks 1..N-1 run; by default the
+    one whose `job_scope` is running (lmdistill-distill or lmdistill-finetune).
     """
 
-    def __init__(self, *args, entry_module: str = "lmdistill.distill", **kwargs):
+    def __init__(self, *args, entry_module: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.entry_module = entry_module
 
@@ -93,7 +93,7 @@ class HydraDDPStrategy(DDPStrategy):
         if isinstance(self._launcher, _SubprocessScriptLauncher):
             self._launcher = _JobLauncher(
                 self.cluster_environment, self.num_processes, self.num_nodes,
-                entry_module=self.entry_module,
+                entry_module=self.entry_module or os.environ.get(_ENTRY_ENV, "lmdistill.distill"),
             )  # fmt: skip
 
 
@@ -116,14 +116,16 @@ def wait_for_ranks(trainer, timeout_s: float = 300) -> None:
 
 
 @contextmanager
-def job_scope() -> Iterator[None]:
-    """Run one job; afterwards the process group is gone and the environment is as before.
+def job_scope(entry_module: str) -> Iterator[None]:
+    """Run one job of the Hydra app `entry_module`; afterwards the process group is gone and the
+    environment is as before.
 
     Lightning's launcher leaves `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_*` and `NODE_RANK` in the
     environment; the next job of a sweep would take them as "ranks started outside" and wait
     forever for ranks that never come.
     """
     saved = dict(os.environ)
+    os.environ[_ENTRY_ENV] = entry_module  # what the job's other ranks run (see HydraDDPStrategy)
     try:
         yield
     finally:

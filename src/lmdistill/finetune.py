@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 import lmdistill  # noqa: F401 - registers lmdistill's model classes (MoE students) with transformers
 from lmdistill import __version__
+from lmdistill.distributed import job_scope
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.glue import get_task
 from lmdistill.glue.classifier import GlueClassifier, load_classifier
@@ -131,7 +132,10 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with job_scope(
+        "lmdistill.finetune"
+    ):  # DDP ranks re-run this job only; sweeps reset between jobs
+        run(cfg)
 
 
 if __name__ == "__main__":

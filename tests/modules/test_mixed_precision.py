@@ -38,8 +38,8 @@ class ScaleLoss(L.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         combine = pl_module.combine
-        pl_module.combine = lambda terms: combine(terms) * (
-            self.factor if trainer.global_step in self.steps else 1.0
+        pl_module.combine = lambda terms: (
+            combine(terms) * (self.factor if trainer.global_step in self.steps else 1.0)
         )
 
 
