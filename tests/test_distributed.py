@@ -257,3 +257,26 @@ def test_job_scope_restores_the_environment(monkeypatch):
     assert "LOCAL_RANK" not in os.environ and "WORLD_SIZE" not in os.environ
     assert "MASTER_PORT" not in os.environ and "LMDISTILL_ENTRY_MODULE" not in os.environ
     assert os.environ["KEEP"] == "1"
+
+
+def test_teacher_assistant_runs_both_stages_in_one_ddp_job(workdir, cache_dir):
+    """Both stages train in the job's one process group; rank 1 waits for rank 0's export of
+    the assistant before loading it as its teacher."""
+    out = workdir / "ta"
+    shape = [
+        "student.num_hidden_layers=1",
+        "student.hidden_size=16",
+        "student.intermediate_size=32",
+    ]
+    check_ok(
+        run_cli(
+            [*TINY, f"data.paths=[{workdir / 'corpus.txt'}]", *DDP, "method=minilm_ta", *shape,
+             "method.assistant.max_steps=2", "trainer.max_steps=2", f"hydra.run.dir={out}"],
+            workdir, cache_dir, env=_env(cache_dir),
+        )
+    )  # fmt: skip
+    ranks = [(out / name).read_text() for name in ("distill.log", "distill_rank1.log")]
+    stages = [re.findall(rf"rank {r} of 2: config (\w+)", log) for r, log in enumerate(ranks)]
+    assert stages[0] == stages[1] and len(stages[0]) == 2  # stage 1, then stage 2, on both ranks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_batch_size"] == 8 and summary["assistant"]["reused"] is False

@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoConfig
 
+from lmdistill.distributed import is_first_rank
 from lmdistill.errors import UserError
 from lmdistill.io import write_json_atomic
 from lmdistill.runs import LAST, config_key, previous_checkpoint
@@ -42,7 +43,9 @@ def run_with_assistant(cfg: DictConfig) -> dict:
     stage1 = assistant_stage(cfg)
     key = config_key(stage1)
     entry = Path(cfg.paths.cache_dir).expanduser() / "assistants" / key
-    with _locked(entry.with_suffix(".lock")):  # parallel sweep jobs wait for one trainer
+    # parallel sweep jobs wait for one trainer; the other DDP ranks of this job train with it
+    lock = _locked(entry.with_suffix(".lock")) if is_first_rank() else contextlib.nullcontext()
+    with lock:
         reused = (entry / "student").is_dir()
         if reused:
             log.info("reusing the finished assistant %s", entry)

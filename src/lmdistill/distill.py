@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmdistill import __version__
-from lmdistill.distributed import job_scope, wait_for_ranks
+from lmdistill.distributed import job_scope
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
 from lmdistill.models import build_student, export_student, load_teacher
@@ -161,17 +161,24 @@ def run(cfg: DictConfig) -> dict:
             _exit_after_signal(trainer)
         final = out_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # the full final state
-        wait_for_ranks(trainer)  # the ranks this process started have finished too
     finally:
         finish_wandb(trainer)
-    if not trainer.is_global_zero:
-        return {}
+    summary = (
+        _export_and_summarize(cfg, module, trainer, export_dir) if trainer.is_global_zero else {}
+    )
+    trainer.strategy.barrier("lmdistill.export")  # every rank may use the export from here on
+    return summary
+
+
+def _export_and_summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict:
+    """Rank 0: export the student, write summary.json; returns the summary."""
     if export_dir is not None:
         with quiet_transformers():
             export_student(
                 module.student, cfg.data.tokenizer, export_dir, provenance(cfg, module, trainer)
             )
     summary = summarize(cfg, module, trainer, export_dir)
+    out_dir = Path(cfg.paths.output_dir)
     write_json_atomic(out_dir / "summary.json", summary)
     log.info(
         "loss %.4f -> %.4f over %d steps; student: %s; summary: %s",

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 _ENTRY_ENV = "LMDISTILL_ENTRY_MODULE"
+_launched: list[subprocess.Popen] = []  # the ranks this process started in the current job
 
 # Hydra settings of the sweep itself; a rank runs one job, so none of them may reach it.
 _SWEEP_ONLY = ("hydra.mode", "hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper",
@@ -75,6 +76,7 @@ class _JobLauncher(_SubprocessScriptLauncher):
             command, cwd = rank_command(local_rank, self.entry_module)
             child_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
             self.procs.append(subprocess.Popen(command, env=child_env, cwd=cwd))
+        _launched.extend(self.procs)
 
 
 class HydraDDPStrategy(DDPStrategy):
@@ -106,30 +108,41 @@ def gather_from_ranks(obj) -> list:
     return gathered
 
 
-def wait_for_ranks(trainer, timeout_s: float = 300) -> None:
-    """On the launching rank: wait until the ranks it started have exited; fail if one failed."""
-    launcher = getattr(trainer.strategy, "launcher", None)
-    for local_rank, proc in enumerate(getattr(launcher, "procs", []), start=1):
-        code = proc.wait(timeout=timeout_s)
-        if code != 0:
-            raise RuntimeError(f"rank {local_rank} (pid {proc.pid}) exited with code {code}")
+def is_first_rank() -> bool:
+    """Whether this process is global rank 0 (known from the environment before any Trainer)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @contextmanager
 def job_scope(entry_module: str) -> Iterator[None]:
-    """Run one job of the Hydra app `entry_module`; afterwards the process group is gone and the
-    environment is as before.
+    """Run one job of the Hydra app `entry_module`; afterwards the ranks it started have exited,
+    the process group is gone and the environment is as before.
 
     Lightning's launcher leaves `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_*` and `NODE_RANK` in the
     environment; the next job of a sweep would take them as "ranks started outside" and wait
-    forever for ranks that never come.
+    forever for ranks that never come. Within a job they stay: a job of several trainings (a
+    teacher assistant's two stages) runs them all in one process group.
     """
     saved = dict(os.environ)
     os.environ[_ENTRY_ENV] = entry_module  # what the job's other ranks run (see HydraDDPStrategy)
     try:
         yield
+        _wait_for_launched_ranks()
     finally:
+        for proc in _launched:  # after a failure they may wait in a collective forever
+            if proc.poll() is None:
+                proc.kill()
+        _launched.clear()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _wait_for_launched_ranks(timeout_s: float = 600) -> None:
+    for local_rank, proc in enumerate(_launched, start=1):
+        code = proc.wait(timeout=timeout_s)
+        if code != 0:
+            raise RuntimeError(f"rank {local_rank} (pid {proc.pid}) exited with code {code}")

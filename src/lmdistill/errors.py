@@ -34,17 +34,21 @@ def report_user_errors(func: F) -> F:
             user_error = _as_user_error(err)
             if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            if _is_first_rank():  # DDP: every rank fails alike; one line is enough
-                print(f"lmdistill: error: {user_error}", file=sys.stderr, flush=True)
+            print(f"lmdistill: error: {_rank_prefix()}{user_error}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
 
 
-def _is_first_rank() -> bool:
+def _rank_prefix() -> str:
+    """ "rank N: " in DDP ranks other than the first, whose errors may differ from its error."""
+    from lmdistill.distributed import is_first_rank
+
+    if is_first_rank():
+        return ""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    return f"rank {rank_zero_only.rank}: "
 
 
 def _as_user_error(err: BaseException) -> UserError | None:
