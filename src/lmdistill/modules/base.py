@@ -229,9 +229,8 @@ class DistillationModule(L.LightningModule):
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         # Restored at the first batch: creating the resumed DataLoader iterator draws from the RNG.
         rng = state.get("rng")
-        rng = (
-            [rng] if isinstance(rng, dict) else rng
-        )  # checkpoints of lmdistill <= 0.1: rank 0 only
+        if isinstance(rng, dict):  # checkpoints of earlier lmdistill versions: rank 0's only
+            rng = [rng]
         self._rng_to_restore = rng[self.trainer.global_rank] if rng else None
 
     # --- optimisation ----------------------------------------------------------------------
