@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/relation_loss.py
 	$(OFFLINE) $(PY) benchmarks/data_pipeline.py
 	$(OFFLINE) $(PY) benchmarks/moe_step.py
+	$(OFFLINE) $(PY) benchmarks/checkpoint_save.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
