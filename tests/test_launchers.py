@@ -180,7 +180,7 @@ def test_slurm_preset_runs_one_task_per_device():
 
 
 def test_slurm_preset_follows_trainer_num_nodes():
-    cfg = compose_distill(["hydra/launcher=slurm", "++trainer.num_nodes=2"])
+    cfg = compose_distill(["hydra/launcher=slurm", "trainer.num_nodes=2"])
     assert cfg.hydra.launcher.nodes == 2
 
 
