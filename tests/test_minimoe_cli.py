@@ -75,3 +75,19 @@ def test_routing_is_logged(moe_run):
     keys = set().union(*rows)
     assert {"moe/layer1_ffn/load_e0", "moe/layer2_ffn/entropy", "train/loss_balance"} <= keys
     assert list(moe_run.rglob("events.out.tfevents*"))
+
+
+def test_exported_moe_student_fine_tunes_on_glue(moe_run, cache_dir, tmp_path, monkeypatch):
+    """lmdistill-finetune takes a MiniMoE export like any student: routed layers, a new head."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "glue"))
+    from glue_files import write_glue
+
+    write_glue(tmp_path / "glue", rows=12)
+    out = tmp_path / "rte"
+    check_ok(run_cli(["task=rte", f"model={moe_run / 'student'}", "epochs=1", "batch_size=4",
+                      f"data.glue_dir={tmp_path / 'glue'}", "trainer.enable_progress_bar=false",
+                      f"hydra.run.dir={out}"],
+                     tmp_path, cache_dir, module="lmdistill.finetune", timeout=180))  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "rte" and list(results["metrics"]) == ["accuracy"]
+    assert results["model_shape"]["num_hidden_layers"] == 2
