@@ -410,6 +410,16 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def report(results: dict, text: str, out: str) -> None:
+    """Print the markdown table; write it with the results as JSON to `out`."""
+    print(text, flush=True)
+    results["table_markdown"] = text
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 5)")
@@ -433,13 +443,7 @@ def main(argv=None) -> None:
         rss_steps=1 if args.quick else 2,
         data_batches=20 if args.quick else 100,
     )
-    text = table(results)
-    print(text, flush=True)
-    results["table_markdown"] = text
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    report(results, table(results), args.out)
 
 
 if __name__ == "__main__":

