@@ -118,3 +118,18 @@ def test_minimoe_student_behind_a_dense_assistant(ta):
     assert f["student"]["ffn_experts"] == 4
     config = json.loads((ta / "F" / "stage2_student" / "student" / "config.json").read_text())
     assert config["model_type"] == "lmdistill-minimoe"
+
+
+def test_link_tolerates_a_link_another_rank_created_between_check_and_create(tmp_path, monkeypatch):
+    """Two DDP ranks linking stage1_assistant at once: the slower one must not fail."""
+    from lmdistill import assistant
+
+    target = tmp_path / "entry"
+    target.mkdir()
+    link = tmp_path / "run" / assistant.STAGE1_DIR
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)  # the other rank's, made "just now"
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # our check ran before it existed
+    monkeypatch.setattr(Path, "is_symlink", lambda self: False)
+    assistant._link(link, target)
+    assert os.readlink(link) == str(target)

@@ -54,7 +54,8 @@ def run_with_assistant(cfg: DictConfig) -> dict:
             _set(stage1, "paths.output_dir", str(entry))
             _set(stage1, "ckpt_path", str(resume) if resume.is_file() else None)
             run(stage1)
-    _link(out_dir / STAGE1_DIR, entry)
+    if is_first_rank():  # one rank writes the run directory; the others only read the cache
+        _link(out_dir / STAGE1_DIR, entry)
 
     stage2 = student_stage(cfg, entry / "student")
     _set(stage2, "paths.output_dir", str(out_dir / STAGE2_DIR))
@@ -139,9 +140,12 @@ def _set(cfg: DictConfig, key: str, value) -> None:
 
 
 def _link(link: Path, target: Path) -> None:
-    if not link.is_symlink() and not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
+    """`link` -> `target`; an existing link (a re-run, or another process's) is left as it is."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
         link.symlink_to(target, target_is_directory=True)
+    except FileExistsError:  # created already: checking first and then creating would race
+        pass
 
 
 def _read_json(path: Path) -> dict | None:
