@@ -133,3 +133,114 @@ def test_export_never_overwrites(tmp_path, tiny_teacher_dir, teacher_config):
         )
     assert (tmp_path / "student" / "keep.txt").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no temporary leftovers
+
+
+# --- teacher layers copied into students shallower and deeper than the teacher -----------------
+
+
+def _expected_mapping(t: int, s: int) -> list[int]:
+    """Independently: a shallower student picks the teacher layer nearest to (j + 1) * T / S
+    (1-indexed, ties to the even one) so that the last layers meet; a deeper one splits its
+    layers into T runs of consecutive layers, sizes differing by at most one, the shorter first."""
+    from fractions import Fraction
+
+    if s <= t:
+        out = []
+        for j in range(s):
+            x = Fraction((j + 1) * t, s)
+            lo = x.numerator // x.denominator
+            nearest = (
+                lo + 1 if x - lo > Fraction(1, 2) or (x - lo == Fraction(1, 2) and lo % 2) else lo
+            )
+            out.append(nearest - 1)
+        return out
+    out = []
+    for layer in range(
+        t
+    ):  # teacher layer `layer` covers student layers [ceil(l*S/T), ceil((l+1)*S/T))
+        start, stop = -(-layer * s // t), -(-(layer + 1) * s // t)
+        out += [layer] * (stop - start)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("t", "s", "expected"),
+    [
+        (6, 3, [1, 3, 5]),
+        (12, 4, [2, 5, 8, 11]),
+        (24, 6, [3, 7, 11, 15, 19, 23]),
+        (6, 6, [0, 1, 2, 3, 4, 5]),
+        (2, 1, [1]),
+        (6, 12, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]),
+        (2, 3, [0, 0, 1]),
+        (4, 6, [0, 0, 1, 2, 2, 3]),
+        (1, 3, [0, 0, 0]),
+    ],
+)
+def test_layer_mapping_in_both_directions(t, s, expected):
+    from lmdistill.models.student import layer_mapping
+
+    assert layer_mapping(t, s) == expected == _expected_mapping(t, s)
+
+
+def test_layer_mapping_matches_the_independent_computation_everywhere():
+    from lmdistill.models.student import layer_mapping
+
+    for t in range(1, 25):
+        for s in range(1, 25):
+            mapping = layer_mapping(t, s)
+            assert mapping == _expected_mapping(t, s), (t, s)
+            assert mapping[-1] == t - 1 and all(0 <= m < t for m in mapping)
+            assert mapping == sorted(mapping)  # never goes back down the teacher
+            if s > t:  # every teacher layer is used, on consecutive student layers
+                assert sorted(set(mapping)) == list(range(t)) and mapping[0] == 0
+
+
+@pytest.mark.parametrize("layers", [1, 3, 4])  # shallower than, deeper than the 2-layer teacher
+def test_init_from_teacher_copies_exactly_the_mapped_layers(
+    layers, tiny_teacher_dir, teacher_config
+):
+    from lmdistill.models.student import layer_mapping
+
+    teacher = AutoModel.from_pretrained(tiny_teacher_dir)
+    shape = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+    student = build_student(
+        teacher_config, init_from_teacher=teacher, num_hidden_layers=layers, **shape
+    )
+    expected = {1: [1], 3: [0, 0, 1], 4: [0, 0, 1, 1]}[layers]
+    assert layer_mapping(2, layers) == expected
+    for j, t in enumerate(expected):
+        got, want = student.encoder.layer[j].state_dict(), teacher.encoder.layer[t].state_dict()
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=f"{j} {name}")
+    torch.testing.assert_close(student.embeddings.word_embeddings.weight,
+                               teacher.embeddings.word_embeddings.weight, rtol=0, atol=0)  # fmt: skip
+
+
+# --- exports readable by the colleagues the umask allows ---------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_export_and_tiny_teacher_directories_follow_the_umask(umask, tmp_path, tiny_teacher_dir,
+                                                              teacher_config):  # fmt: skip
+    import os
+    import stat
+
+    from lmdistill.models.tiny import ensure_tiny_teacher
+
+    student = build_student(
+        teacher_config, num_hidden_layers=1, hidden_size=32, num_attention_heads=4
+    )
+    old = os.umask(umask)
+    try:
+        out = export_student(student, tiny_teacher_dir, tmp_path / "run" / "student", {})
+        tiny = ensure_tiny_teacher(tmp_path / "cache")
+    finally:
+        os.umask(old)
+    for path in (out, tmp_path / "cache" / "tiny-bert-v2"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask, (path, oct(path.stat().st_mode))
+        for child in path.iterdir():  # files as open() makes them: 0666 & ~umask
+            assert stat.S_IMODE(child.stat().st_mode) == 0o666 & ~umask, child
+    assert tiny == str(tmp_path / "cache" / "tiny-bert-v2")
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o777 & ~umask

@@ -53,8 +53,8 @@ def build_student(
 ) -> PreTrainedModel:
     """A randomly initialised (BERT init) student of `shape` (the arguments of `student_config`).
 
-    With `init_from_teacher`, embeddings and uniformly spaced teacher layers are copied (same
-    widths only).
+    With `init_from_teacher`, embeddings and the teacher layers of `layer_mapping` are copied
+    (same widths only; a deeper student repeats teacher layers).
     """
     config = student_config(teacher_config, **shape)
     student = AutoModel.from_config(config, attn_implementation="sdpa")
@@ -63,12 +63,26 @@ def build_student(
     return student
 
 
-def copy_teacher_layers(teacher: torch.nn.Module, student: PreTrainedModel) -> list[int]:
-    """Copy embeddings and uniformly spaced teacher layers into the student; returns the mapping.
+def layer_mapping(teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher layer (0-based) each student layer is initialised from.
 
-    Student layer j (0-based) takes teacher layer round((j + 1) * T / S) - 1, so the last student
-    layer takes the last teacher layer. Widths must match exactly.
+    Shallower or equal student (S <= T): uniformly spaced teacher layers, student layer j takes
+    teacher layer round((j + 1) * T / S) - 1, so the last student layer takes the last teacher
+    layer (T = S: the identity). Deeper student (S > T): each teacher layer in order, repeated
+    on consecutive student layers, student layer j takes teacher layer floor(j * T / S) (T = 6,
+    S = 12: 0, 0, 1, 1, ..., 5, 5). Both are non-decreasing and use the last teacher layer.
     """
+    t, s = int(teacher_layers), int(student_layers)
+    if t < 1 or s < 1:
+        raise UserError(f"cannot map {t} teacher layers onto {s} student layers; both must be >= 1")
+    if s <= t:
+        return [round((j + 1) * t / s) - 1 for j in range(s)]
+    return [j * t // s for j in range(s)]
+
+
+def copy_teacher_layers(teacher: torch.nn.Module, student: PreTrainedModel) -> list[int]:
+    """Copy embeddings and the teacher layers of `layer_mapping` into the student; returns the
+    mapping (student layer j <- teacher layer mapping[j]). Widths must match exactly."""
     t_layers, s_layers = encoder_layers(teacher), encoder_layers(student)
     t_shape = _shape(teacher.config)
     if t_shape != _shape(student.config):
@@ -76,7 +90,7 @@ def copy_teacher_layers(teacher: torch.nn.Module, student: PreTrainedModel) -> l
             f"cannot initialise the student from the teacher: widths differ (teacher hidden/heads/FFN "
             f"{t_shape}, student {_shape(student.config)}); set student.init_from_teacher=false"
         )
-    mapping = [round((j + 1) * len(t_layers) / len(s_layers)) - 1 for j in range(len(s_layers))]
+    mapping = layer_mapping(len(t_layers), len(s_layers))
     with torch.no_grad():
         student.embeddings.load_state_dict(teacher.embeddings.state_dict())
         for j, t in enumerate(mapping):

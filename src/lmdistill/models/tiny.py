@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+from lmdistill.models.export import make_temp_dir, publish_dir
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import package_dir
 
@@ -36,12 +35,12 @@ def ensure_tiny_teacher(cache_dir: str | Path) -> str:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = BertModel(config)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-bert.", dir=target.parent))
+    tmp = make_temp_dir(".tiny-bert.", target.parent)
     with quiet_transformers():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     try:
-        os.replace(tmp, target)
+        publish_dir(tmp, target)  # modes as mkdir and open give them, then the rename
     except OSError:  # another process created it first
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
