@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmdistill import __version__
+from lmdistill.config_checks import check_config
 from lmdistill.distributed import job_scope
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
@@ -133,6 +134,7 @@ def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict
 
 def run(cfg: DictConfig) -> dict:
     """Distil, export and summarise one configuration; returns the summary."""
+    check_config(cfg)  # seed=abc, optim.lr=-1, ...: one line before anything is built or written
     out_dir = Path(cfg.paths.output_dir)
     export_dir = out_dir / "student" if cfg.export else None
     if export_dir is not None and export_dir.exists():

@@ -1,0 +1,110 @@
+"""Obviously bad values in a composed config, reported before anything is built or written.
+
+Hydra accepts any value its grammar parses (`seed=abc`, `optim.lr=-1`, a dict written as the
+string `qq:1`); without these checks they surface later as tracebacks from PyTorch, Lightning or
+a `**` unpacking. `check_config(cfg)` raises a `UserError` (one line: the value, then the fix) for
+the first bad value among the fields the config has, so the entry points of lmdistill-distill
+and lmdistill-finetune share it: each config has only some of the fields below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from numbers import Real
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from lmdistill.errors import UserError
+
+_ABSENT = object()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _positive_number(value) -> str | None:
+    return None if _is_number(value) and value > 0 else "must be a positive number"
+
+
+def _positive_int(value) -> str | None:
+    return None if _is_int(value) and value > 0 else "must be a positive integer"
+
+
+def _int(value) -> str | None:
+    return None if _is_int(value) else "must be an integer"
+
+
+def _fraction(value) -> str | None:
+    return None if _is_number(value) and 0 <= value <= 1 else "must be a number from 0 to 1"
+
+
+def _non_negative_number(value) -> str | None:
+    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+
+
+def _optional_positive_int(value) -> str | None:
+    return None if value is None else _positive_int(value)
+
+
+def _relation_weights(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return "is not a mapping (an unquoted dict is read as a string)"
+    if not all(_is_number(v) and v >= 0 for v in value.values()):
+        return "must map qq, kk, vv to numbers >= 0"
+    return None
+
+
+# (key, check, the fix): keys a config does not have are skipped
+_CHECKS: list[tuple[str, Callable[[object], str | None], str]] = [
+    ("seed", _int, "e.g. seed=1"),
+    ("optim.lr", _positive_number, "e.g. optim.lr=3e-4"),
+    ("optim.weight_decay", _non_negative_number, "e.g. optim.weight_decay=0.01"),
+    ("optim.warmup_ratio", _fraction, "e.g. optim.warmup_ratio=0.01"),
+    ("trainer.accumulate_grad_batches", _positive_int, "e.g. trainer.accumulate_grad_batches=1"),
+    ("data.batch_size", _positive_int, "e.g. data.batch_size=32"),
+    (
+        "method.relation_weights",
+        _relation_weights,
+        "write it as a dict in braces, quoted for the shell, e.g. 'method.relation_weights={qq: 1, kk: 1, vv: 1}', "
+        "or set one weight: method.relation_weights.qq=1",
+    ),
+    # lmdistill-finetune
+    ("lr", _positive_number, "e.g. lr=2e-5"),
+    ("batch_size", _positive_int, "e.g. batch_size=32"),
+    ("epochs", _positive_int, "e.g. epochs=3"),
+    ("weight_decay", _non_negative_number, "e.g. weight_decay=0.01"),
+    ("warmup_ratio", _fraction, "e.g. warmup_ratio=0.1"),
+    ("data.train_limit", _optional_positive_int, "e.g. data.train_limit=5000, or null for all"),
+    ("data.max_seq_length", _positive_int, "e.g. data.max_seq_length=128"),
+]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise a `UserError` naming the first obviously bad value of `cfg` and how to fix it."""
+    for key, check, fix in _CHECKS:
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+        except MissingMandatoryValue:
+            continue  # a ???: the entry point's own error names it
+        if value is _ABSENT:
+            continue  # not a field of this config
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        problem = check(value)
+        if problem is not None:
+            raise UserError(f"{key}={_show(value)} {problem}; {fix}")
+
+
+def _show(value) -> str:
+    """The value as the user typed it (strings unquoted, like a Hydra override)."""
+    if isinstance(value, str):
+        return value
+    return str(value)
