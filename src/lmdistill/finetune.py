@@ -5,7 +5,7 @@
     lmdistill-finetune -m +grid=paper task=rte model=<student dir>
 
 Composes the config, loads the model with a task head, builds the GLUE data, fits with Lightning
-(dev evaluation every epoch) and writes results.json. Everything else lives in lmdistill.glue.
+(dev evaluation every epoch, and where training stops) and writes results.json. Everything else lives in lmdistill.glue.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 import lmdistill  # noqa: F401 - registers lmdistill's model classes (MoE students) with transformers
 from lmdistill import __version__
+from lmdistill.config_checks import check_config
 from lmdistill.distributed import job_scope
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.glue import get_task
@@ -39,10 +40,14 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def resolve_model(cfg: DictConfig) -> str:
-    """The model's directory or hub name: a shortcut (`minilm-l6-local`), a path, or a hub name."""
+    """The model's directory or hub name: a shortcut (`minilm-l6-local`), a path, or a hub name.
+
+    Only the chosen shortcut is resolved: the others may need packages (the offline teacher)
+    that a user fine-tuning their own students never installs.
+    """
     name = str(cfg.model)
     if name in cfg.model_shortcuts:
-        return str(cfg.model_shortcuts[name])
+        return str(cfg.model_shortcuts[name])  # resolves this entry only
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 
@@ -65,8 +70,24 @@ def model_shape(model) -> dict:
     return shape
 
 
+def hyperparameters(cfg: DictConfig, model_path: str) -> dict:
+    """The resolved config for the loggers, with the chosen model's path instead of the table of
+    shortcuts (resolving every shortcut would need every shortcut's package)."""
+    without = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "model_shortcuts"])
+    return {**OmegaConf.to_container(without, resolve=True), "model_path": model_path}
+
+
+def fit_and_evaluate(trainer, module: GlueClassifier, datamodule: GlueDataModule) -> None:
+    """Fit, then evaluate on dev if the last optimizer step was not evaluated yet: training that
+    stops mid-epoch (trainer.max_steps, max_time, a callback) is evaluated where it stopped."""
+    trainer.fit(module, datamodule=datamodule)
+    if not module.history or module.history[-1]["step"] != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
 def run(cfg: DictConfig) -> dict:
     """Fine-tune and evaluate one configuration; returns (and writes) results.json."""
+    check_config(cfg)  # lr=-1, batch_size=0, seed=abc, ...: one line before anything is loaded
     task = get_task(str(cfg.task))
     if cfg.data.glue_dir is not None and not Path(cfg.data.glue_dir).expanduser().is_dir():
         raise UserError(
@@ -93,9 +114,9 @@ def run(cfg: DictConfig) -> dict:
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
     trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(out_dir))
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hyperparameters(cfg, model_path))
     try:
-        trainer.fit(module, datamodule=datamodule)
+        fit_and_evaluate(trainer, module, datamodule)
     finally:
         finish_wandb(trainer)
     if not trainer.is_global_zero:
@@ -110,6 +131,8 @@ def run(cfg: DictConfig) -> dict:
         "score": chosen["score"],  # the task's main score (GLUE convention, lmdistill.glue.tasks)
         "select": cfg.select,  # best: the best dev epoch; last: the last epoch
         "epoch": chosen["epoch"] + 1,  # 1-indexed epoch the metrics come from
+        "step": chosen["step"],  # optimizer steps trained when they were measured
+        "steps": trainer.global_step,  # optimizer steps trained in all
         "epochs": cfg.epochs,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,

@@ -93,7 +93,9 @@ class GlueClassifier(L.LightningModule):
         self.adam_eps = adam_eps
         self.split_names = [name for name, _, _ in task.dev_splits]
         self.dev_metrics = torch.nn.ModuleList(build_metrics(task) for _ in self.split_names)
-        self.history: list[dict] = []  # one entry per dev epoch: {"epoch", "metrics", "score"}
+        self.history: list[
+            dict
+        ] = []  # one per dev evaluation: {"epoch", "step", "metrics", "score"}
         self.train_examples = 0
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -117,14 +119,17 @@ class GlueClassifier(L.LightningModule):
             collection.reset()
         score = self.task.main_score(metrics)
         if not self.trainer.sanity_checking:
-            self.history.append({"epoch": self.current_epoch, "metrics": metrics, "score": score})
+            self.history.append(
+                {"epoch": self.current_epoch, "step": self.global_step, "metrics": metrics,
+                 "score": score}
+            )  # fmt: skip
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
         self.log("val/score", score, prog_bar=True)
 
     def results(self, select: str = "best") -> dict:
         """Metrics of the best epoch by main score (`select="best"`) or of the last one."""
         if not self.history:
-            raise UserError("no dev evaluation ran; set trainer.max_epochs >= 1")
+            raise UserError("no dev evaluation ran; set epochs >= 1 and trainer.max_steps != 0")
         if select not in ("best", "last"):
             raise UserError(f"unknown select '{select}'; use best or last")
         chosen = self.history[-1]
