@@ -121,7 +121,7 @@ def test_sweep_jobs_share_the_sweeps_group(tiny_sweep):
 def test_sweep_jobs_are_named_after_their_directories(tiny_sweep):
     jobs = _jobs(tiny_sweep)
     names = [read_offline_run(job)[0].display_name for job in jobs]
-    assert names == [job.name for job in jobs]  # 0_...,method=minilm_v1,...
+    assert names == [job.name for job in jobs]  # 0_..._method-minilm_v1_...
     assert len(set(names)) == 2 and all(names)
 
 
@@ -135,7 +135,7 @@ def test_sweep_jobs_log_their_resolved_config(tiny_sweep):
         assert config["logger"]["wandb"]["name"] == job.name
         assert config["paths"]["output_dir"] == str(job)
         assert config["data"]["paths"] == [str(tiny_sweep.parent / "corpus.txt")]
-        method = re.search(r"[_,]method=(\w+)", job.name)[1]  # the job's own override
+        method = re.search(r"_method-(minilm_v[12])(_|$)", job.name)[1]  # the job's own override
         targets[method] = config["method"]["_target_"]
     assert targets == {
         "minilm_v1": "lmdistill.modules.MiniLMv1",
@@ -143,12 +143,86 @@ def test_sweep_jobs_log_their_resolved_config(tiny_sweep):
     }
 
 
+# --- job directories a shell and Hydra's override grammar take without quoting ------------------
+
+PLAIN = re.compile(r"^[A-Za-z0-9._+-]+$")  # [A-Za-z0-9._,=+-] less `,` (a Hydra sweep) and `=`
+
+
+def _takes_unquoted(job: Path) -> None:
+    """`job.name` needs no quoting in a shell, and `model=<job>/student` (relative or absolute)
+    is one plain value in Hydra's override grammar."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert PLAIN.match(job.name), job.name
+    assert shlex.quote(job.name) == job.name and shlex.split(job.name) == [job.name]
+    assert not job.name.startswith(("-", ".", "+", "~"))
+    parser = OverridesParser.create()
+    for value in (f"{job.name}/student", f"{job}/student"):
+        override = parser.parse_override(f"model={value}")
+        assert not override.is_sweep_override() and override.value() == value, value
+
+
+def test_sweep_job_directories_need_no_quoting(tiny_sweep):
+    jobs = _jobs(tiny_sweep)
+    assert len(jobs) == 2
+    for i, job in enumerate(jobs):  # the overrides as typed, sorted; sweep-only ones excluded
+        typed = sorted([*TINY, f"method=minilm_v{i + 1}", "logger=[csv,wandb]"])
+        expected = "_".join(typed).replace("=", "-").replace("[csv,wandb]", "csv+wandb")
+        assert job.name == f"{i}_{expected}"
+        assert "_logger-csv+wandb_" in job.name and "_student-tiny_" in job.name
+        _takes_unquoted(job)
+
+
+def _sweep_subdir(overrides: list[str], num: int) -> str:
+    """hydra.sweep.subdir of job `num` as Hydra resolves it (override_dirname computed by Hydra
+    from `overrides` with the shipped kv_sep, item_sep and exclude_keys)."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    cfg = compose_distill(overrides)
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.job.num = num
+    return OmegaConf.select(cfg, "hydra.sweep.subdir")
+
+
+AWKWARD = {  # overrides as typed -> the directory name after `<num>_`
+    "list": (["logger=[csv,wandb]", "optim.betas=[0.9, 0.98]"],
+             "logger-csv+wandb_optim.betas-0.9+0.98"),
+    "dict": (["method.relation_weights={qq: 1, kk:0.5 , vv: 2}"],
+             "method.relation_weights-qq-1+kk-0.5+vv-2"),
+    "path with a space": (["teacher.name_or_path='/models/my bert*'"],
+                          "teacher.name_or_path-.models.my_bert_"),
+    "append, number, =": (["+notes='a;b&c=d'", "optim.lr=1e-5"], "+notes-a_b_c-d_optim.lr-1e-5"),
+    "excluded only": (["seed=3", "trainer.max_steps=5"], ""),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(AWKWARD))
+def test_awkward_values_give_plain_job_directories(case, tmp_path, cache_dir):
+    overrides, expected = AWKWARD[case]
+    name = _sweep_subdir(overrides, 12)
+    assert name == (f"12_{expected}" if expected else "12")
+    _takes_unquoted(tmp_path / "multirun" / "d" / name)
+
+
+def test_long_job_directory_names_are_cut_with_a_hash(tmp_path, cache_dir):
+    from lmdistill.resources import job_dirname
+
+    a = _sweep_subdir([f"+notes={'x' * 300}a"], 3)
+    b = _sweep_subdir([f"+notes={'x' * 300}b"], 3)
+    assert len(a) == len(b) == 200 and a != b and a[:189] == b[:189] == f"3_+notes-{'x' * 180}"
+    assert re.fullmatch(r"[0-9a-f]{10}", a[-10:]) and a[-11] == "_"
+    assert job_dirname(3, "") == "3"
+    _takes_unquoted(tmp_path / a)
+
+
 def test_single_run_has_no_group(single):
     run, config = read_offline_run(single)
     assert run.run_group == "" and config["logger"]["wandb"]["group"] is None
     hydra = yaml.safe_load((single / ".hydra" / "hydra.yaml").read_text())["hydra"]
     assert run.display_name == hydra["job"]["override_dirname"]  # its overrides
-    assert "student=tiny" in run.display_name
+    assert "_student-tiny_" in run.display_name
     assert config["trainer"]["max_steps"] == 1
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -70,7 +72,7 @@ def _sweep_group() -> str | None:
 
 
 def _job_name() -> str | None:
-    """`${job_name:}`: a multirun job's subdirectory (`<num>_<overrides>`, unique in the sweep);
+    """`${job_name:}`: a multirun job's subdirectory (`job_dirname`, unique in the sweep);
     a single run's overrides (`hydra.job.override_dirname`), else its output directory."""
     hydra_cfg = _hydra_config()
     if hydra_cfg is None:
@@ -84,12 +86,40 @@ def _job_name() -> str | None:
     return _relative_to_cwd(output_dir, hydra_cfg.runtime.cwd) if output_dir else None
 
 
+_DIRNAME_MAX = 200  # characters; file systems allow 255 per name
+_DIRNAME_DROP = str.maketrans("", "", "[]{}()'\"\\")
+_DIRNAME_MAP = str.maketrans({",": "+", ":": "-", "/": ".", "=": "-"})
+
+
+def job_dirname(num, overrides: str | None) -> str:
+    """`${job_dirname:${hydra.job.num},${hydra.job.override_dirname}}`: a sweep job's
+    subdirectory, `<num>_<key>-<value>_<key>-<value>...` (override_dirname with kv_sep `-` and
+    item_sep `_`: the overrides as typed, sorted, every `=` made `-`), e.g.
+    `3_logger-csv+wandb_method-minilm_v1_student-L3-H384`.
+
+    Only `[A-Za-z0-9._+-]` remain, so a shell takes the name without quoting and Hydra's
+    override grammar takes it as a plain value (`model=<sweep>/<job>/student`): brackets, braces
+    and quotes are dropped, list and dict items are joined by `+` (`[csv,wandb]` -> `csv+wandb`,
+    `{qq:1,kk:2}` -> `qq-1+kk-2`), `/` becomes `.` and anything else `_`. The job number keeps
+    names unique; names over 200 characters are cut and end in a hash of the whole.
+    """
+    text = re.sub(r"\s*([,:])\s*", r"\1", str(overrides or ""))  # Hydra keeps them as typed
+    text = text.translate(_DIRNAME_DROP).translate(_DIRNAME_MAP)
+    text = re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+    name = f"{num}_{text}" if text else str(num)
+    if len(name) > _DIRNAME_MAX:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name[: _DIRNAME_MAX - 11]}_{digest}"
+    return name
+
+
 def register_resolvers() -> None:
-    """`${package_dir:pkg,sub}`, `${tiny_teacher:cache_dir}`, `${sweep_group:}` and
-    `${job_name:}` for the configs (idempotent)."""
+    """`${package_dir:pkg,sub}`, `${tiny_teacher:cache_dir}`, `${sweep_group:}`, `${job_name:}`
+    and `${job_dirname:num,overrides}` for the configs (idempotent)."""
     for name, fn in (("package_dir", package_dir), ("tiny_teacher", _tiny_teacher)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
-    for name, fn in (("sweep_group", _sweep_group), ("job_name", _job_name)):
+    for name, fn in (("sweep_group", _sweep_group), ("job_name", _job_name),
+                     ("job_dirname", job_dirname)):  # fmt: skip
         if not OmegaConf.has_resolver(name):  # per job: never cached
             OmegaConf.register_new_resolver(name, fn, use_cache=False)
