@@ -275,3 +275,35 @@ def test_single_run_without_overrides_is_named_after_its_directory(hydra_job):
 def test_group_and_name_can_be_overridden(hydra_job):
     overrides = ["logger.wandb.group=ablation", "logger.wandb.name=baseline"]
     assert hydra_job(overrides, "MULTIRUN", "/o") == ("ablation", "baseline")
+
+
+# --- the CSV log behind the report's loss curves ------------------------------------------------
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_tensorboard_keeps_the_csv_log(tmp_path, cache_dir):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_distill(["logger=tensorboard", f"paths.output_dir={tmp_path}"])
+    loggers = OmegaConf.to_container(cfg.logger, resolve=True)
+    assert sorted(loggers) == ["csv", "tensorboard"]
+    for conf in loggers.values():
+        logger = instantiate(conf)
+        logger.log_metrics({"train/loss": 1.5}, step=0)
+        logger.finalize("success")
+    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[-1] == "0,1.5"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_learning_rate_columns_are_named_as_the_readme_says(tiny_sweep):
+    import csv
+
+    for job in _jobs(tiny_sweep):
+        with open(job / "logs" / "metrics.csv", newline="") as f:
+            columns = next(csv.reader(f))
+        assert [c for c in columns if c.startswith("lr-")] == ["lr-AdamW/pg1", "lr-AdamW/pg2"]
+    readme = README.read_text()
+    assert "`lr-AdamW/pg1`" in readme and "`lr-AdamW/pg2`" in readme
+    assert not re.search(r"`lr-AdamW`", readme)
