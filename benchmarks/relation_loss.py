@@ -4,7 +4,7 @@ Setting (DESIGN.md, "Where the time goes"): B=32, L=128, R=32, d=384 for teacher
 half of the batch padded to half length, float32, 2 threads, one (Q, K)-style relation.
 
     python benchmarks/relation_loss.py                 # naive vs fast, speedup in the same run
-    python benchmarks/relation_loss.py --strategies    # also: group / per_sequence / padded
+    python benchmarks/relation_loss.py --strategies    # also: group / per_sequence / masked (the GPU path)
     python benchmarks/relation_loss.py --sweep-chunk   # also: chunk sizes of the fast path
 
 Peak extra memory is the growth of the process's peak RSS (VmHWM) over the step, each
@@ -89,7 +89,7 @@ def measure_relation_loss(
 ):
     """ms per forward+backward (median of `repeats`), saved-for-backward MB and peak extra RSS MB
     per variant; variants: "naive", "fast" (= "fast_group"), "fast_per_sequence",
-    "fast_padded". Also returns the loss values and `speedup` = naive / fast when both ran."""
+    "fast_masked" (the GPU path). Also returns the loss values and `speedup` = naive / fast when both ran."""
     torch.set_num_threads(threads)
     t, s, mask = make_inputs(batch, length, d_teacher, d_student)
     out = {
@@ -173,7 +173,7 @@ def main(argv=None):
         return _rss_child(v, *map(int, nums))
     variants = ["naive", "fast"]
     if args.strategies:
-        variants += ["fast_per_sequence", "fast_padded"]
+        variants += ["fast_per_sequence", "fast_masked"]
     res = measure_relation_loss(variants=variants, repeats=args.repeats, threads=args.threads)
     print(json.dumps(res, indent=1))
     for v in variants:

@@ -10,7 +10,13 @@ import torch
 
 from lmdistill import _relation_kernel as kernel
 from lmdistill.errors import UserError
-from lmdistill.losses import LossInputError, hidden_mse, relation_kl, relation_scores
+from lmdistill.losses import (
+    LossInputError,
+    RelationPlan,
+    hidden_mse,
+    relation_kl,
+    relation_scores,
+)
 
 MIN32 = torch.finfo(torch.float32).min
 
@@ -108,7 +114,7 @@ def test_matches_reference(reduction, shared, dtype):
         torch.testing.assert_close(g_fast.double(), g_ref.double(), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("strategy", ["group", "per_sequence", "padded"])
+@pytest.mark.parametrize("strategy", ["group", "per_sequence", "masked"])
 def test_strategies_and_chunking_agree(strategy, monkeypatch):
     teacher, student = _inputs(False, d_t=24, d_s=12, batch=7, length=13, seed=3)
     mask = torch.ones(7, 13, dtype=torch.long)
@@ -124,6 +130,35 @@ def test_strategies_and_chunking_agree(strategy, monkeypatch):
         torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-6)
         for g_fast, g_ref in zip(_grads(fast, student), _grads(ref, student), strict=True):
             torch.testing.assert_close(g_fast.double(), g_ref.double(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["rows", "per_sequence"])
+def test_host_plan_and_masked_gpu_path_match_reference_and_masked_reads_nothing(
+    reduction, monkeypatch
+):
+    teacher, student = _inputs(True, batch=5, length=11, seed=4)
+    mask = torch.ones(5, 11, dtype=torch.long)
+    mask[0, 7:] = 0
+    mask[2, 3] = 0  # not contiguous
+    mask[3] = 0  # no real token
+    ref = _relation_kl_reference(teacher, student, mask, 4, reduction)
+    plan = RelationPlan.of(mask)
+    assert plan == RelationPlan((7, 11, 10, 0, 11), (7, 11, 11, 0, 11))
+    with_plan = relation_kl(teacher, student, mask, 4, reduction, plan)
+    torch.testing.assert_close(with_plan.double(), ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(kernel, "STRATEGY", "masked")
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name, **k: (
+            reads.append(_n), _o(t, *a, **k))[1])  # fmt: skip
+    masked = relation_kl(teacher, student, mask, 4, reduction)
+    grads = torch.autograd.grad(masked, student[0])
+    monkeypatch.undo()
+    assert reads == []  # nothing waits for the device
+    torch.testing.assert_close(masked.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0].double(), _grads(ref, student)[0].double(), rtol=1e-4,
+                               atol=1e-7)  # fmt: skip
 
 
 def test_numpy_forward_tiny():

@@ -25,18 +25,51 @@ valid rows) for reduction "rows" and 1 / (R * count_b * number of non-empty sequ
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-# Scores per chunk (c * n * n). About 0.5M float32 = 2 MB per [c, n, n] tensor: one full-length
-# sequence of 32 heads at L=128, or two at L=64. Measured best on the development machine
-# (benchmarks/relation_loss.py --sweep-chunk).
+# Scores per chunk (c * n * n). On a CPU about 0.5M float32 = 2 MB per [c, n, n] tensor: one
+# full-length sequence of 32 heads at L=128, or two at L=64; measured best on the development
+# machine (benchmarks/relation_loss.py --sweep-chunk). On a GPU, large chunks keep the kernel
+# count low: 64M scores (256 MB per tensor) is a batch of 128 x 48 heads x 128 x 128 in 2 chunks.
 CHUNK_ELEMENTS = 1 << 19
+CHUNK_ELEMENTS_GPU = 1 << 26
 
-# How sequences are batched: "group" (sequences of equal valid length together; default),
-# "per_sequence" (a Python loop over sequences) or "padded" (the whole batch at full length with
-# key and row masks, as naive code does). Only the benchmark changes it, to compare them.
-STRATEGY = "group"
+# How sequences are batched: "auto" ("masked" on GPUs and other accelerators, "group" on CPUs),
+# "group" (sequences of equal valid length together, sliced to that length: no padding computed;
+# needs the lengths on the host, from a `RelationPlan` made before the batch reached the device),
+# "per_sequence" (a Python loop over sequences) or "masked" (the whole batch at its padded length
+# with key and row masks, weights computed on the device: no host read at all). Only the
+# benchmark and tests change it, to compare them.
+STRATEGY = "auto"
+
+
+class RelationPlan(NamedTuple):
+    """Valid lengths of a batch, read on the host once (before the batch is sent to a device).
+
+    counts[b]: real tokens of sequence b; ends[b]: 1 + position of its last real token (equal to
+    counts[b] when the real tokens come first, the usual case).
+    """
+
+    counts: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> RelationPlan:
+        """From a [B, L] mask (a host read: give it the mask of the batch on the host)."""
+        valid = mask != 0
+        idx = torch.arange(valid.shape[1], device=valid.device)
+        ends = torch.where(valid, idx + 1, 0).amax(1)
+        counts, ends = torch.stack([valid.sum(1), ends]).tolist()
+        return cls(tuple(counts), tuple(ends))
+
+
+def strategy_for(device: torch.device) -> str:
+    """The batching strategy used on `device` (see STRATEGY)."""
+    if STRATEGY != "auto":
+        return STRATEGY
+    return "group" if device.type == "cpu" else "masked"
 
 
 def _heads(x: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
@@ -46,7 +79,8 @@ def _heads(x: torch.Tensor, num_heads: int, scale: float | None = None) -> torch
     return (y * scale).contiguous() if scale is not None else y.contiguous()
 
 
-def _plan(mask: torch.Tensor, reduction: str, num_heads: int):
+def _plan(mask: torch.Tensor, reduction: str, num_heads: int, plan: RelationPlan | None,
+          strategy: str):  # fmt: skip
     """Group the batch by valid length.
 
     Returns (groups, odd, weights): `groups` maps a length n to the indices of the sequences whose
@@ -54,17 +88,13 @@ def _plan(mask: torch.Tensor, reduction: str, num_heads: int):
     a non-contiguous mask; `weights[b]` is the weight of each valid row of sequence b.
     """
     valid = mask != 0
-    counts = valid.sum(1).tolist()
-    if STRATEGY == "padded":
-        return None, None, counts
-    idx = torch.arange(valid.shape[1], device=valid.device)
-    last = torch.where(valid, idx, -1).amax(1).tolist()  # one host sync for the whole plan
+    counts, ends = plan if plan is not None else RelationPlan.of(mask)
     nonempty = sum(1 for c in counts if c > 0)
     total = sum(counts)
-    groups: dict[int, list[int]] = {}
+    groups: dict = {}
     odd: list[tuple[int, int, torch.Tensor]] = []
     weights: list[float] = []
-    for b, (count, lastb) in enumerate(zip(counts, last, strict=True)):
+    for b, (count, n) in enumerate(zip(counts, ends, strict=True)):
         if count == 0:
             weights.append(0.0)
             continue
@@ -72,9 +102,8 @@ def _plan(mask: torch.Tensor, reduction: str, num_heads: int):
             weights.append(1.0 / (num_heads * total))
         else:
             weights.append(1.0 / (num_heads * count * nonempty))
-        n = lastb + 1
         if count == n:
-            groups.setdefault(n if STRATEGY == "group" else (n, b), []).append(b)
+            groups.setdefault(n if strategy == "group" else (n, b), []).append(b)
         else:
             odd.append((b, n, valid[b, :n]))
     return groups, odd, weights
@@ -116,21 +145,21 @@ def _chunk(ls, rs, lt, rt, weight_rows, key_bias, need_grad):
     return kl, grad_l, grad_r
 
 
-def _padded(
-    ctx, ls, rs, lt, rt, mask, counts, num_heads, reduction, need_grad, shared, scale_s, run, shape
-):
-    """The whole batch at full length with key and row masks (benchmark comparison only)."""
+def _masked(ctx, ls, rs, mask, num_heads, reduction, need_grad, shared, scale_s, run, shape):
+    """The whole batch at its padded length with key and row masks; every weight is computed on
+    the device, so nothing is read on the host (the GPU path)."""
     b, length, d_s = shape
-    valid = (mask != 0).to(torch.float32)
-    cnt = torch.tensor(counts, dtype=torch.float32, device=mask.device)
+    valid = mask != 0  # [B, L]
+    counts = valid.sum(1).to(torch.float32)  # [B]
     if reduction == "rows":
-        w = valid / (num_heads * cnt.sum())
+        per_row = (num_heads * counts.sum()).clamp_min(1.0).reciprocal().expand(b)
     else:
-        w = valid / (num_heads * cnt.clamp_min(1) * (cnt > 0).sum())[:, None]
+        sequences = (counts > 0).sum().clamp_min(1)
+        per_row = (num_heads * counts.clamp_min(1.0) * sequences).reciprocal()  # [B]
+    w = valid.to(torch.float32) * per_row[:, None]  # [B, L]
     rows = w[:, None, :, None].expand(b, num_heads, length, 1).reshape(-1, length, 1)
-    bias = torch.zeros(b, length, device=mask.device).masked_fill_(
-        valid == 0, torch.finfo(torch.float32).min
-    )
+    bias = torch.zeros(b, length, dtype=torch.float32, device=mask.device)
+    bias.masked_fill_(~valid, torch.finfo(torch.float32).min)
     bias = bias[:, None, None, :].expand(b, num_heads, 1, length).reshape(-1, 1, length)
     total, gls, grs = run(slice(None), length, rows, bias)
     if need_grad:
@@ -141,6 +170,7 @@ def _padded(
         grad_left = g_l.transpose(1, 2).reshape(b, length, d_s)
         grad_right = None if shared else g_r.transpose(1, 2).reshape(b, length, d_s)
         ctx.save_for_backward(grad_left, grad_right)
+    ctx.shared = shared
     return total
 
 
@@ -153,14 +183,14 @@ class RelationKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_left, s_right, t_left, t_right, mask, num_heads, reduction, shared):
+    def forward(ctx, s_left, s_right, t_left, t_right, mask, num_heads, reduction, shared, plan):
         b, length, d_s = s_left.shape
         d_t = t_left.shape[2]
         scale_s = 1.0 / math.sqrt(d_s // num_heads)
         scale_t = 1.0 / math.sqrt(d_t // num_heads)
         need_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
 
-        groups, odd, weights = _plan(mask, reduction, num_heads)
+        strategy = strategy_for(s_left.device)
         # Left sides are pre-multiplied by 1/sqrt(r) (one pass over a small tensor instead of one
         # over the scores); right sides stay raw. In the shared (Q, Q) case the right side is the
         # raw heads of the same tensor and both gradients accumulate into one buffer.
@@ -175,12 +205,14 @@ class RelationKLFunction(torch.autograd.Function):
             g_ls = torch.zeros_like(ls)  # gradients wrt the [B, R, L, r] views of the raw inputs
             g_rs = g_ls if shared else torch.zeros_like(rs)
 
+        chunk_elements = CHUNK_ELEMENTS if s_left.device.type == "cpu" else CHUNK_ELEMENTS_GPU
+
         def run(sel, n, weight_rows, key_bias):
             c_ls = ls[sel, :, :n].reshape(-1, n, r_s)
             c_rs = rs[sel, :, :n].reshape(-1, n, r_s)
             c_lt = lt[sel, :, :n].reshape(-1, n, lt.shape[-1])
             c_rt = rt[sel, :, :n].reshape(-1, n, rt.shape[-1])
-            per = max(1, CHUNK_ELEMENTS // (n * n))
+            per = max(1, chunk_elements // (n * n))
             kb_all = key_bias
             kls, gls, grs = [], [], []
             for start in range(0, c_ls.shape[0], per):
@@ -202,24 +234,11 @@ class RelationKLFunction(torch.autograd.Function):
                     grs.append(gr)
             return torch.stack(kls).sum(), gls, grs
 
-        if groups is None:  # STRATEGY == "padded": benchmark only
-            return _padded(
-                ctx,
-                ls,
-                rs,
-                lt,
-                rt,
-                mask,
-                weights,
-                num_heads,
-                reduction,
-                need_grad,
-                shared,
-                scale_s,
-                run,
-                s_left.shape,
-            )
+        if strategy == "masked":
+            return _masked(ctx, ls, rs, mask, num_heads, reduction, need_grad, shared, scale_s,
+                           run, s_left.shape)  # fmt: skip
 
+        groups, odd, weights = _plan(mask, reduction, num_heads, plan, strategy)
         for key, members in sorted(groups.items()):
             n = key if isinstance(key, int) else key[0]
             w = weights[members[0]]  # equal within a group: same count, same reduction weight
@@ -260,4 +279,4 @@ class RelationKLFunction(torch.autograd.Function):
         g_r = None
         if grad_right is not None and ctx.needs_input_grad[1]:
             g_r = grad_right * grad_out
-        return g_l, g_r, None, None, None, None, None, None
+        return g_l, g_r, None, None, None, None, None, None, None

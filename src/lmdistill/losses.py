@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from lmdistill._relation_kernel import RelationKLFunction
+from lmdistill._relation_kernel import RelationKLFunction, RelationPlan
 from lmdistill.errors import UserError
 
-__all__ = ["LossInputError", "hidden_mse", "relation_kl", "relation_scores"]
+__all__ = ["LossInputError", "RelationPlan", "hidden_mse", "relation_kl", "relation_scores"]
 
 REDUCTIONS = ("rows", "per_sequence")
 
@@ -102,6 +102,7 @@ def relation_kl(
     attention_mask: torch.Tensor,
     num_heads: int,
     reduction: str = "rows",
+    plan: RelationPlan | None = None,
 ) -> torch.Tensor:
     """KL(teacher relation || student relation) over R relation heads; a float32 scalar.
 
@@ -121,6 +122,11 @@ def relation_kl(
     (inference tensors are fine; teacher tensors that require grad get no gradient). Computed in
     float32 even under autocast. Pad positions never change the result and get zero gradient.
     A batch without any real token gives 0.
+
+    On a CPU the batch is computed sequence group by sequence group, sliced to the real lengths,
+    which are read from `plan` (`RelationPlan.of(mask)` on the host batch) or else from the mask.
+    On a GPU it is computed masked at the padded length and `plan` is not needed: nothing is
+    read on the host, so the device never waits.
     """
     if reduction not in REDUCTIONS:
         raise LossInputError(
@@ -145,7 +151,7 @@ def relation_kl(
         s_left = s_left.float()
         s_right = s_left if s_shared else s_right.float()
         return RelationKLFunction.apply(
-            s_left, s_right, t_left, t_right, attention_mask, num_heads, reduction, s_shared
+            s_left, s_right, t_left, t_right, attention_mask, num_heads, reduction, s_shared, plan
         )
 
 

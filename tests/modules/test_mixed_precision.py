@@ -90,7 +90,8 @@ def test_nonfinite_loss_skips_the_update(tiny_teacher_dir, tmp_path):
     assert all(torch.equal(w[1][k], w[0][k]) for k in w[0])
     assert not torch.equal(w[2]["embeddings.word_embeddings.weight"],
                            w[1]["embeddings.word_embeddings.weight"])  # fmt: skip
-    assert [out == {} for out in snapshots.outputs] == [False, True, False, False]
+    losses = [float(out["loss"]) for out in snapshots.outputs]
+    assert [loss != loss for loss in losses] == [False, True, False, False]  # NaN at step 1
     assert module.nonfinite_steps == 1 and trainer.global_step == 4
 
 
@@ -100,7 +101,7 @@ def test_consecutive_nonfinite_losses_stop_with_a_checkpoint_of_the_last_finite_
     module = _module(tiny_teacher_dir, max_nonfinite_steps=3)
     snapshots = Snapshots()
     trainer = _trainer(10, [snapshots, ScaleLoss(float("inf"), {2, 3, 4, 5, 6}), CheckpointOnStop()],
-                       tmp_path)  # fmt: skip
+                       tmp_path, log_every_n_steps=1)  # the run is checked when counters are read  # fmt: skip
     with pytest.raises(NonFiniteLossError, match="not finite for 3 steps in a row"):
         trainer.fit(module, _loader(10))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

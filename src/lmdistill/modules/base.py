@@ -8,20 +8,22 @@ combination is the loss. Subclasses implement `loss_terms` and `combine` only.
 from __future__ import annotations
 
 import random
-import time
-from collections import deque
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch import nn
-from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import PreTrainedModel
 
 from lmdistill.distributed import gather_from_ranks
 from lmdistill.errors import UserError
+from lmdistill.losses import RelationPlan
 from lmdistill.models.capture import QKV, forward_qkv
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.teacher import Teacher
+from lmdistill.modules.grad_guard import clip_and_guard
+from lmdistill.modules.meter import TrainingMeter
+from lmdistill.schedule import LinearWarmupDecay
 
 RELATION_SITES = ("last_layer", "top_projection")
 
@@ -66,19 +68,13 @@ class DistillationModule(L.LightningModule):
             d = student.config.hidden_size
             self.relation_projection = nn.Linear(d, 3 * d)
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**(optim or {}))
+        self._relation_plan: RelationPlan | None = None  # of the current batch, host side
         self.frozen_parameters = self._freeze_unreached_parameters()
-        self.tokens_seen = 0  # real (non-pad) tokens trained on, all ranks
-        self.recent_losses: deque[torch.Tensor] = deque(maxlen=10)  # detached: no host sync
-        self.loss_first: float | None = None
-        self.batches_this_run = 0
-        self._clock = 0.0
-        self._batch_tokens = 0
+        self.meter = TrainingMeter()
+        self._step_loss: torch.Tensor | None = None  # sum of this step's micro-batch losses
+        self._step_nonfinite: torch.Tensor | None = None  # [] bool: a loss was not finite
+        self._micro_batches = 0
         self._rng_to_restore: dict | None = None
-        self._run_tokens = 0  # timed tokens and seconds of this run (resumed runs start anew)
-        self._run_seconds = 0.0
-        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
-        self._nonfinite_in_a_row = 0
-        self._last_scale: float | None = None
 
     # --- what a method defines -------------------------------------------------------------
 
@@ -94,6 +90,8 @@ class DistillationModule(L.LightningModule):
 
     def student_qkv(self, batch: dict) -> QKV:
         inputs = _model_inputs(batch, self.student.config)
+        inputs["attention_mask"] = _encoder_mask(self.student, batch["attention_mask"],
+                                                 self._relation_plan)  # fmt: skip
         if self.relation_site == "last_layer":
             return forward_qkv(self.student, self.student.config.num_hidden_layers - 1, **inputs)
         hidden = self.student(**inputs).last_hidden_state  # [B, L, d]
@@ -101,59 +99,48 @@ class DistillationModule(L.LightningModule):
 
     def teacher_qkv(self, batch: dict) -> QKV:
         """Teacher Q/K/V (inference tensors: the relation losses read them, never save them)."""
-        return self.teacher.qkv(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-        )
+        mask = _encoder_mask(self.teacher.model, batch["attention_mask"], self._relation_plan)
+        return self.teacher.qkv(batch["input_ids"], mask, batch.get("token_type_ids"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         teacher = self.teacher_qkv(batch)
         student = self.student_qkv(batch)
         terms = self.loss_terms(teacher, student, batch["attention_mask"])
         loss = self.combine(terms)
-        finite = self._count_step(loss)
-        if not finite:
-            return self._skip_nonfinite_step()
-        self._nonfinite_in_a_row = 0
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/loss_{name}": value for name, value in terms.items()})
-        self.loss_first = float(loss.detach()) if self.loss_first is None else self.loss_first
-        self.recent_losses.append(loss.detach())
-        self.batches_this_run += 1
-        return loss
+        self._add_micro_batch(loss, terms)
+        return loss  # a non-finite loss is skipped on the device (`configure_gradient_clipping`)
 
-    def _count_step(self, loss: torch.Tensor) -> bool:
-        """Add all ranks' tokens of this batch to `tokens_seen`; whether every rank's loss is
-        finite (ranks must skip a step together). One sum over ranks, one host sync."""
-        local = torch.stack(
-            [(~torch.isfinite(loss.detach())).long(), torch.tensor(self._batch_tokens, device=loss.device)]
-        )  # fmt: skip
-        if self._world_size > 1:
-            local = self.trainer.strategy.reduce(local, reduce_op="sum")
-        nonfinite_ranks, tokens = local.tolist()
-        self._batch_tokens = int(tokens)
-        self.tokens_seen += self._batch_tokens
-        return nonfinite_ranks == 0
+    def _add_micro_batch(self, loss: torch.Tensor, terms: dict) -> None:
+        """Remember this micro-batch's loss and whether it (on any rank) is not finite."""
+        nonfinite = ~torch.isfinite(loss.detach())
+        if self._world_size > 1:  # an all-reduce, but no host read
+            nonfinite = self.trainer.strategy.reduce(nonfinite.float(), reduce_op="sum") > 0
+        first = self._micro_batches == 0
+        self._step_loss = loss.detach() if first else self._step_loss + loss.detach()
+        self._step_nonfinite = nonfinite if first else self._step_nonfinite | nonfinite
+        self._micro_batches += 1
+        self._last_terms = {name: value.detach() for name, value in terms.items()}
 
-    def _skip_nonfinite_step(self) -> None:
-        """Skip this step (no backward, no weight update); stop after too many in a row."""
-        self.nonfinite_steps += 1
-        self._nonfinite_in_a_row += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-        limit = self.optim.max_nonfinite_steps
-        if self._nonfinite_in_a_row >= limit:
-            raise NonFiniteLossError(
-                f"the loss was not finite for {limit} steps in a row (up to step "
-                f"{self.trainer.global_step}); the last finite state is in checkpoints/last.ckpt: "
-                "lower optim.lr, use trainer.precision=bf16-mixed or 32, or check the data, then "
-                "resume with ckpt_path=last"
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:  # fmt: skip
+        """Clip by norm and skip non-finite updates, on the device (`grad_guard`); every step."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise UserError(
+                f"trainer.gradient_clip_algorithm={gradient_clip_algorithm} is not supported; "
+                "lmdistill clips by norm: remove the setting"
             )
-        return None  # Lightning skips backward and the optimizer update
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        skipped = clip_and_guard(optimizer, gradient_clip_val, self._step_nonfinite, scaler)
+        self.meter.add_step(self._step_loss / self._micro_batches, skipped, self._last_terms)
+        self._micro_batches = 0
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        self._batch_tokens = int(batch["attention_mask"].sum())  # this rank's; on the host batch
+        mask = batch["attention_mask"]  # [B, L] on the host: reading it costs no device sync
+        self.meter.add_batch_tokens(int(mask.sum()))
+        self._relation_plan = RelationPlan.of(mask)
         return batch
 
-    # --- bookkeeping -----------------------------------------------------------------------
+    # --- bookkeeping (host reads once per logging interval) -----------------------------------
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
@@ -161,7 +148,7 @@ class DistillationModule(L.LightningModule):
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
     def on_train_start(self) -> None:
-        self._clock = time.perf_counter()
+        self.meter.start()
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # after the resumed loader drew its own seeds
@@ -169,29 +156,48 @@ class DistillationModule(L.LightningModule):
             self._rng_to_restore = None
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        now = time.perf_counter()
-        seconds, self._clock = now - self._clock, now
-        tokens = self._batch_tokens
-        if self.batches_this_run > 1:  # the first batch of a run includes start-up: not timed
-            self._run_tokens += tokens
-            self._run_seconds += seconds
-        sequences = batch["input_ids"].shape[0] * self._world_size
-        self.log("train/tokens_per_second", tokens / max(seconds, 1e-9), prog_bar=True)
-        self.log("train/tokens_seen", float(self.tokens_seen))
-        self.log("train/global_batch_size", float(sequences * self.trainer.accumulate_grad_batches))
-        self._log_loss_scale()
-
-    def _log_loss_scale(self) -> None:
-        """16-mixed: log the gradient scaler's scale and count the steps it skipped (overflow)."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
+        if self._micro_batches:  # inside an accumulation window
             return
-        scale = scaler.get_scale()  # host sync, only under 16-mixed
-        if self._last_scale is not None and scale < self._last_scale:
-            self.nonfinite_steps += 1  # the scaler found inf/NaN gradients and skipped the step
-        self._last_scale = scale
-        self.log("train/loss_scale", float(scale))
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        if not self.meter.started or self.trainer._logger_connector.should_update_logs:
+            self.log_dict(self._flush(batch["input_ids"].shape[0]))
+
+    def on_train_end(self) -> None:
+        """The last, partial interval: straight to the loggers (Lightning logs no more now)."""
+        if self.meter.pending:
+            metrics = self._flush()
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step - 1)
+
+    def _flush(self, batch_size: int | None = None) -> dict:
+        """Reduce and read the interval's figures (the one host read); stop on diverging losses."""
+        reduce = None
+        if self._world_size > 1:
+            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        interval = self.meter.flush(reduce)
+        metrics = {"train/tokens_seen": float(self.meter.tokens_seen)}
+        if interval.get("loss") is not None:
+            metrics["train/loss"] = interval["loss"]
+            metrics.update({f"train/loss_{k}": v for k, v in interval["terms"].items()})
+        if interval.get("tokens_per_second") is not None:
+            metrics["train/tokens_per_second"] = interval["tokens_per_second"]
+        if batch_size is not None:
+            sequences = batch_size * self._world_size * self.trainer.accumulate_grad_batches
+            metrics["train/global_batch_size"] = float(sequences)
+        if self.meter.nonfinite_steps:
+            metrics["train/nonfinite_steps"] = float(self.meter.nonfinite_steps)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            metrics["train/loss_scale"] = scaler.get_scale()  # ready: the read above waited
+        limit = self.optim.max_nonfinite_steps
+        if interval.get("worst_run", 0) >= limit:
+            raise NonFiniteLossError(
+                f"the loss was not finite for {limit} steps in a row (up to step "
+                f"{self.trainer.global_step}); the last finite state is in checkpoints/last.ckpt: "
+                "lower optim.lr, use trainer.precision=bf16-mixed or 32, or check the data, then "
+                "resume with ckpt_path=last"
+            )
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        return metrics
 
     def student_gflops(self, seq_len: int = 128) -> float:
         """Inference GFLOPs of the exported student for one sequence (methods may override)."""
@@ -200,33 +206,43 @@ class DistillationModule(L.LightningModule):
 
     @property
     def final_loss(self) -> float | None:
-        """Mean loss of the last 10 batches of this run."""
-        losses = list(self.recent_losses)
-        return float(torch.stack(losses).mean()) if losses else None
+        """Mean loss of the last 10 steps that were not skipped."""
+        return self.meter.final_loss
+
+    @property
+    def loss_first(self) -> float | None:
+        return self.meter.loss_first
+
+    @property
+    def tokens_seen(self) -> int:
+        """Real (non-pad) tokens trained on, all ranks, up to the last logging interval."""
+        return self.meter.tokens_seen
+
+    @property
+    def nonfinite_steps(self) -> int:
+        return self.meter.nonfinite_steps
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Mean training throughput of this run (real tokens of all ranks per second)."""
+        return self.meter.tokens_per_second
 
     @property
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
-    @property
-    def tokens_per_second(self) -> float:
-        """Mean training throughput of this run (real tokens of all ranks per second)."""
-        return self._run_tokens / self._run_seconds if self._run_seconds else 0.0
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.meter.pending:
+            self._flush()  # exact counts in the checkpoint
         checkpoint["lmdistill"] = {
-            "tokens_seen": self.tokens_seen,
-            "loss_first": self.loss_first,
-            "nonfinite_steps": self.nonfinite_steps,
+            **self.meter.state_dict(),
             "world_size": self._world_size,
             "rng": gather_from_ranks(_rng_states()),  # [rank]: every rank's dropout resumes exactly
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("lmdistill", {})
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.loss_first = state.get("loss_first")
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.meter.load_state_dict(state)
         # Restored at the first batch: creating the resumed DataLoader iterator draws from the RNG.
         rng = state.get("rng")
         if isinstance(rng, dict):  # checkpoints of earlier lmdistill versions: rank 0's only
@@ -247,14 +263,14 @@ class DistillationModule(L.LightningModule):
                 "weight_decay": 0.0,
             },  # biases, LayerNorm
         ]
-        # foreach, not fused: fused AdamW with clipping under mixed precision raises in Lightning;
-        # foreach must be asked for on CPU, where the default is a slower per-parameter loop
+        # fused: one kernel for all parameters (4x foreach on CPU), and it skips an update on
+        # the device (`found_inf`, see grad_guard); Lightning's clipping is replaced by ours
         optimizer = torch.optim.AdamW(
             groups,
             lr=self.optim.lr,
             betas=tuple(self.optim.betas),
             eps=self.optim.eps,
-            foreach=True,
+            fused=True,
         )
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
@@ -263,7 +279,8 @@ class DistillationModule(L.LightningModule):
             )
         warmup = self.optim.warmup_steps
         warmup = round(self.optim.warmup_ratio * total) if warmup is None else int(warmup)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, int(total))
+        # resumable under a changed max_steps or optim (resume.allow): see lmdistill.schedule
+        scheduler = LinearWarmupDecay(optimizer, warmup, int(total))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -309,6 +326,25 @@ def _set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+_SDPA_MASK_MODELS = ("bert", "roberta", "xlm-roberta")
+
+
+def _encoder_mask(model, mask: torch.Tensor, plan: RelationPlan | None) -> torch.Tensor | None:
+    """The attention mask for a Hugging Face encoder, chosen so that it reads nothing on the host.
+
+    Given a 2-D mask, transformers checks `mask.all()` (a device sync) to skip the mask. The
+    host-side plan of the batch answers that instead: no padding gives None (SDPA may then use
+    its flash kernel); with padding, BERT-family SDPA attention takes the [B, 1, 1, L] boolean
+    mask as it is. Other models get the 2-D mask.
+    """
+    if plan is not None and min(plan.counts) == mask.shape[1]:
+        return None
+    config = model.config
+    if config.model_type in _SDPA_MASK_MODELS and config._attn_implementation == "sdpa":
+        return (mask != 0)[:, None, None, :]  # [B, 1, 1, L], True = attend
+    return mask
 
 
 def _model_inputs(batch: dict, config) -> dict:

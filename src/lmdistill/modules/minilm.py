@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmdistill.errors import UserError
-from lmdistill.losses import relation_kl
+from lmdistill.losses import RelationPlan, relation_kl
 from lmdistill.models.capture import QKV
 from lmdistill.modules.base import DistillationModule
 
@@ -51,12 +51,12 @@ def check_relation_weights(relation_weights: dict | None) -> dict:
 
 
 def self_relation_terms(teacher: QKV, student: QKV, attention_mask, heads: int, weights: dict,
-                        reduction: str) -> dict:  # fmt: skip
+                        reduction: str, plan: RelationPlan | None = None) -> dict:  # fmt: skip
     """MiniLM v2's Q-Q, K-K, V-V relation KLs (terms with weight 0 are skipped)."""
     pairs = {"qq": (teacher.query, student.query), "kk": (teacher.key, student.key),
              "vv": (teacher.value, student.value)}  # fmt: skip
     return {
-        name: relation_kl((t, t), (s, s), attention_mask, heads, reduction)
+        name: relation_kl((t, t), (s, s), attention_mask, heads, reduction, plan)
         for name, (t, s) in pairs.items()
         if weights[name]
     }
@@ -89,7 +89,7 @@ class MiniLMv2(DistillationModule):
 
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
         return self_relation_terms(teacher, student, attention_mask, self.relation_heads,
-                                   self.relation_weights, self.reduction)  # fmt: skip
+                                   self.relation_weights, self.reduction, self._relation_plan)  # fmt: skip
 
     def combine(self, terms: dict) -> torch.Tensor:
         total = sum(self.relation_weights.values())
@@ -131,6 +131,7 @@ class MiniLMv1(DistillationModule):
                 attention_mask,
                 self.heads,
                 self.reduction,
+                self._relation_plan,
             ),  # fmt: skip
             "vr": relation_kl(
                 (teacher.value, teacher.value),
@@ -138,6 +139,7 @@ class MiniLMv1(DistillationModule):
                 attention_mask,
                 self.heads,
                 self.reduction,
+                self._relation_plan,
             ),  # fmt: skip
         }
 

@@ -99,7 +99,7 @@ class MiniMoE(DistillationModule):
 
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
         terms = self_relation_terms(teacher, student, attention_mask, self.relation_heads,
-                                    self.relation_weights, self.reduction)  # fmt: skip
+                                    self.relation_weights, self.reduction, self._relation_plan)  # fmt: skip
         balance = self.balance_loss()
         if balance is not None:
             terms["balance"] = balance
