@@ -24,20 +24,21 @@ def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
 
 
-def _distill_run(run: Path, method: str, layers: int, gflops: float, losses: list[float]) -> Path:
+def _distill_run(run: Path, method: str, layers: int, gflops: float, losses: list[float],
+                 teacher: str = "/models/minilm") -> Path:  # fmt: skip
     student = run / "student"
     student.mkdir(parents=True)
     (student / "lmdistill_provenance.json").write_text("{}")
     _write(run / "summary.json", {
         "method": method,
-        "teacher": {"name_or_path": "/models/minilm", "layer": 6},
+        "teacher": {"name_or_path": teacher, "layer": 6},
         "student": {"num_hidden_layers": layers, "hidden_size": 384, "num_attention_heads": 12,
                     "params": 15_000_000 + layers, "gflops": gflops},
-        "steps": len(losses), "export_dir": str(student),
+        "steps": len(losses), "final_loss": losses[-1], "export_dir": str(student),
     })  # fmt: skip
     (run / "logs").mkdir()
     rows = "".join(f"{i},{loss},\n" for i, loss in enumerate(losses))
-    (run / "logs" / "metrics.csv").write_text("step,train/loss,lr-AdamW\n" + rows)
+    (run / "logs" / "metrics.csv").write_text("step,train/loss,lr-AdamW/pg1\n" + rows)
     return student
 
 
@@ -71,10 +72,91 @@ def test_join_best_median_and_average(runs):
     assert v2.average() == pytest.approx(statistics.mean([80.0, 79.0]))
     markdown = to_markdown(list(rows.values()))
     assert (
-        "| method | teacher | student (LxH) | params (M) | GFLOPs | cola | mrpc | stsb | rte |"
-        in markdown
+        "| run | method | teacher | student (LxH) | steps | final loss | params (M) | GFLOPs "
+        "| cola | mrpc | stsb | rte | average |" in markdown
     )
     assert "Median over the runs" in markdown
+
+
+@pytest.fixture
+def lookalikes(runs) -> Path:
+    """`runs` plus two more minilm_v2 4x384 students: another teacher (same leaf directory name
+    `1` as distill/1), and more steps; and a hub model fine-tuned pretrained and from random."""
+    _distill_run(runs / "other" / "1", "minilm_v2", 4, 1.6, [4.0, 3.0], teacher="/hub/bert-base")
+    v2b = _distill_run(runs / "distill" / "2", "minilm_v2", 4, 1.6, [4.0, 2.0, 1.0, 0.8, 0.5])
+    _result(runs / "finetune" / "rte_v2b", v2b, "rte", {"accuracy": 0.66})
+    for init, acc in (("pretrained", 0.7), ("random", 0.5)):
+        _result(runs / "finetune" / f"hub_{init}", "bert-base-uncased", "rte", {"accuracy": acc},
+                init=init, model_name="bert-base-uncased")  # fmt: skip
+    return runs
+
+
+EXPECTED_RUNS = {  # run name: (method, teacher, steps, final loss)
+    "0": ("minilm_v1", "/models/minilm", 3, 2.0),
+    "distill/1": ("minilm_v2", "/models/minilm", 4, 1.0),
+    "other/1": ("minilm_v2", "/hub/bert-base", 2, 3.0),
+    "2": ("minilm_v2", "/models/minilm", 5, 0.5),
+    "bert-base-uncased": ("bert-base-uncased", "-", None, None),
+    "bert-base-uncased (random init)": ("bert-base-uncased (random init)", "-", None, None),
+}
+
+
+def test_every_run_has_its_own_name_and_row(lookalikes, tmp_path):
+    rows = build_rows(*collect([lookalikes]))
+    got = {r.run: (r.method, r.teacher, r.steps, r.final_loss) for r in rows}
+    assert got == EXPECTED_RUNS
+    markdown = to_markdown(rows)
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")][1 : len(rows) + 1]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    by_run = {c[0]: c for c in cells}
+    assert sorted(by_run) == sorted(EXPECTED_RUNS)
+    assert by_run["other/1"][1:6] == ["minilm_v2", "bert-base", "4x384", "2", "3.0000"]
+    assert by_run["2"][1:6] == ["minilm_v2", "minilm", "4x384", "5", "0.5000"]
+    assert by_run["bert-base-uncased"][4:6] == ["-", "-"]
+    files = make_report([lookalikes], tmp_path / "report")
+    with open(files["report.csv"], newline="") as f:
+        records = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in records) == sorted(EXPECTED_RUNS)
+    record = next(r for r in records if r["run"] == "other/1")
+    assert (record["steps"], float(record["final_loss"]), record["teacher"]) == (
+        "2", 3.0, "/hub/bert-base")  # fmt: skip
+
+
+def _legends(fig) -> dict[str, list[str]]:
+    return {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()]
+            for ax in fig.axes if ax.get_visible() and ax.get_legend()}  # fmt: skip
+
+
+def test_loss_curves_one_panel_per_method_one_entry_per_run(lookalikes):
+    from lmdistill.glue.plots import loss_curves_figure
+
+    rows = build_rows(*collect([lookalikes]))
+    fig = loss_curves_figure(rows)
+    legends = _legends(fig)
+    assert sorted(legends) == ["Distillation loss: minilm_v1", "Distillation loss: minilm_v2"]
+    assert legends["Distillation loss: minilm_v2"] == [
+        "2 (minilm, 4x384, 5 steps, final loss 0.5)",
+        "distill/1 (minilm, 4x384, 4 steps, final loss 1)",
+        "other/1 (bert-base, 4x384, 2 steps, final loss 3)",
+    ]
+    assert legends["Distillation loss: minilm_v1"] == ["0 (minilm, 3x384, 3 steps, final loss 2)"]
+    panel = next(ax for ax in fig.axes if ax.get_title().endswith("minilm_v2"))
+    curves = {line.get_label(): list(line.get_ydata()) for line in panel.get_lines()}
+    assert curves["other/1 (bert-base, 4x384, 2 steps, final loss 3)"] == [4.0, 3.0]
+    assert curves["2 (minilm, 4x384, 5 steps, final loss 0.5)"] == [4.0, 2.0, 1.0, 0.8, 0.5]
+
+
+def test_score_plot_one_legend_entry_per_run(lookalikes):
+    from lmdistill.glue.plots import score_vs_gflops_figure
+
+    rows = build_rows(*collect([lookalikes]))
+    (labels,) = _legends(score_vs_gflops_figure(rows)).values()
+    assert len(labels) == len(set(labels)) == 3  # the scored rows with known GFLOPs
+    assert labels == [
+        "minilm_v1: 0 (minilm, 3x384, 3 steps, final loss 2)",
+        "minilm_v2: 2 (minilm, 4x384, 5 steps, final loss 0.5)",
+        "minilm_v2: distill/1 (minilm, 4x384, 4 steps, final loss 1)",
+    ]
 
 
 def test_join_through_provenance_after_a_move(runs, tmp_path):
@@ -135,3 +217,56 @@ def test_notebook_is_valid_and_compiles():
         source = "".join(cell["source"])
         ast.parse(source)  # a SyntaxError fails the test
         compile(source, str(NOTEBOOK), "exec")
+
+
+_IPYTHON_STUB = """
+shown = []
+class Markdown(str): pass
+class Image:
+    def __init__(self, filename): self.filename = filename
+def display(obj): shown.append(obj)
+"""
+
+
+def test_notebook_runs_from_the_notebooks_folder(lookalikes, tmp_path, cache_dir):
+    """Its code cells, in order, in `<project>/notebooks` as Jupyter starts it, on the project's
+    `multirun/`; IPython's display is stubbed when Jupyter (the notebook extra) is absent."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(lookalikes, project / "multirun")
+    (project / "notebooks").mkdir()
+    cells = [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+    script = "\n\n".join("".join(c["source"]) for c in cells)
+    script = script.replace("\nframe\n", "\nprint(frame.shape)\n")  # a cell's displayed value
+    display_import = "from IPython.display import Image, Markdown, display\n"
+    assert display_import in script
+    try:
+        import IPython  # noqa: F401
+    except ImportError:  # the notebook extra is not installed here
+        script = script.replace(display_import, _IPYTHON_STUB)
+    (project / "run_notebook.py").write_text(script + "\nprint('rows', len(rows))\n")
+    env = cli_env(cache_dir, MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(project / "run_notebook.py")],
+                          cwd=project / "notebooks", env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"runs from: {project / 'multirun'}" in proc.stdout
+    assert f"rows {len(EXPECTED_RUNS)}" in proc.stdout
+    for name in ("report.md", "report.csv", "score_vs_gflops.png", "loss_curves.png"):
+        assert (project / "reports" / name).stat().st_size > 0, name
+
+
+def test_notebook_extra_is_optional():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]["notebook"]
+    assert any(d.startswith("jupyter") for d in extra) and any(
+        d.startswith("pandas") for d in extra
+    )
+    assert not any(
+        d.startswith(("jupyter", "ipykernel", "notebook")) for d in project["dependencies"]
+    )
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert "notebook" not in makefile  # `make install` stays lean

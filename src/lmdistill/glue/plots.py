@@ -1,7 +1,13 @@
-"""The report's figures as PNG files (matplotlib, Agg backend: no display needed)."""
+"""The report's figures as PNG files (matplotlib, Agg backend: no display needed).
+
+Every run has its own legend entry (`Row.label()`: run name, teacher, shape, steps, final loss),
+so runs that share a method and a shape stay apart; losses of different methods, which are not
+on one scale (MiniLM v1's two relations, v2's three, MiniMoE's balance term), get one panel each.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,61 +17,79 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 
 from lmdistill.glue.report_tables import Row, loss_curve  # noqa: E402
 
+_MARKERS = "osD^vP*Xh<>p"
 
-def score_vs_gflops(rows: list[Row], path: str | Path) -> Path:
-    """Average dev score against GFLOPs per 128 tokens, one series per method."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    methods = sorted({r.method for r in rows if r.average() is not None and r.gflops is not None})
-    for method in methods:
-        points = sorted(
-            (r.gflops, r.average(), r.shape)
-            for r in rows
-            if r.method == method and r.average() is not None and r.gflops is not None
-        )
-        xs, ys, labels = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=method)
-        for x, y, label in points:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if not methods:
+
+def score_vs_gflops_figure(rows: list[Row]):
+    """Average dev score against GFLOPs per 128 tokens: a colour and a line per method, a
+    marker and a legend entry per run."""
+    fig, ax = plt.subplots(figsize=(8.8, 4.8))
+    shown = [r for r in rows if r.average() is not None and r.gflops is not None]
+    methods = sorted({r.method for r in shown})
+    for m, method in enumerate(methods):
+        color = f"C{m % 10}"
+        runs = sorted((r for r in shown if r.method == method), key=lambda r: (r.gflops, r.run))
+        ax.plot([r.gflops for r in runs], [r.average() for r in runs], color=color, alpha=0.4,
+                linewidth=1)  # fmt: skip
+        for i, r in enumerate(runs):
+            ax.plot(r.gflops, r.average(), linestyle="none", color=color,
+                    marker=_MARKERS[i % len(_MARKERS)], label=f"{method}: {r.label()}")  # fmt: skip
+    if not shown:
         ax.text(0.5, 0.5, "no fine-tuned models with known GFLOPs", ha="center",
                 transform=ax.transAxes)  # fmt: skip
     ax.set_xlabel("GFLOPs per 128-token sequence")
     ax.set_ylabel("average dev score")
     ax.set_title("GLUE dev score vs inference cost")
     ax.grid(alpha=0.3)
-    if methods:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    if shown:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return fig
 
 
-def loss_curves(rows: list[Row], path: str | Path) -> Path:
-    """Training loss per step of every distillation run (from its logs/metrics.csv)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    drawn = 0
+def score_vs_gflops(rows: list[Row], path: str | Path) -> Path:
+    return _save(score_vs_gflops_figure(rows), path)
+
+
+def loss_curves_figure(rows: list[Row]):
+    """Training loss per step of every distillation run (its logs/metrics.csv): one panel per
+    method, one line and legend entry per run."""
+    curves: dict[str, list[tuple[Row, list[int], list[float]]]] = {}
     for r in rows:
         if r.summary_dir is None:
             continue
         steps, losses = loss_curve(r.summary_dir)
         if steps:
-            ax.plot(steps, losses, label=f"{r.method} {r.shape}", linewidth=1)
-            drawn += 1
-    if drawn:
-        ax.legend(fontsize=8)
-        ax.set_yscale("log")
-    else:
+            curves.setdefault(r.method, []).append((r, steps, losses))
+    if not curves:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
         ax.text(0.5, 0.5, "no distillation logs (logs/metrics.csv) found", ha="center",
                 transform=ax.transAxes)  # fmt: skip
-    ax.set_xlabel("step")
-    ax.set_ylabel("train/loss")
-    ax.set_title("Distillation loss")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+        ax.set(xlabel="step", ylabel="train/loss", title="Distillation loss")
+        return fig
+    methods = sorted(curves)
+    cols = min(len(methods), 2)
+    nrows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.4 * nrows), squeeze=False)
+    for ax, method in zip(axes.flat, methods, strict=False):
+        for r, steps, losses in sorted(curves[method], key=lambda c: c[0].run):
+            ax.plot(steps, losses, label=r.label(), linewidth=1)
+        ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="train/loss", title=f"Distillation loss: {method}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.set_visible(False)
+    return fig
+
+
+def loss_curves(rows: list[Row], path: str | Path) -> Path:
+    return _save(loss_curves_figure(rows), path)
 
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -2,8 +2,14 @@
 
     dirs --walk--> summary.json (distillation runs), results.json (fine-tuning runs)
       --join: results.model == summary.export_dir (or the summary beside the model directory)-->
-      rows: method, teacher, student shape, params, GFLOPs, per task best and median dev score
-      over the runs of that model (a grid), average --> report.md, report.csv
+      rows: run, method, teacher, student shape, steps, final loss, params, GFLOPs, per task
+      best and median dev score over the runs of that model (a grid), average
+      --> report.md, report.csv
+
+Every row has a `run` name of its own: the distillation run's directory, with as many parent
+directories as it takes to tell it from the others (`3_method-minilm_v1` in a sweep,
+`2025-01-31/12-00-00` for single runs), or the fine-tuned model's name when no distillation run
+exported it.
 
 Scores are the task's main score (GLUE convention, `lmdistill.glue.tasks`) times 100.
 """
@@ -34,6 +40,18 @@ class Row:
     gflops: float | None
     summary_dir: Path | None = None  # the distillation run, if the model came from one
     scores: dict[str, list[float]] = field(default_factory=dict)  # task -> main scores x 100
+    run: str = ""  # unique among the rows of a report (set by build_rows)
+    steps: int | None = None  # distillation steps
+    final_loss: float | None = None  # distillation loss, mean of the last 10 steps
+
+    def label(self) -> str:
+        """The run and what sets it apart: for legends."""
+        parts = [Path(self.teacher).name or self.teacher, self.shape]
+        if self.steps is not None:
+            parts.append(f"{self.steps} steps")
+        if self.final_loss is not None:
+            parts.append(f"final loss {self.final_loss:.3g}")
+        return f"{self.run} ({', '.join(parts)})"
 
     def best(self, task: str) -> float | None:
         return max(self.scores[task]) if self.scores.get(task) else None
@@ -137,7 +155,37 @@ def build_rows(summaries: dict[Path, dict], results: list[dict]) -> list[Row]:
             rows[(str(summary.get("export_dir")), "distilled")] = _row_from_summary(
                 run_dir, summary, str(summary.get("export_dir"))
             )
-    return list(rows.values())
+    out = list(rows.values())
+    _name_runs(out)
+    return out
+
+
+def _name_runs(rows: list[Row]) -> None:
+    """`row.run`: the shortest trailing part of the run directory (or the model's name) that no
+    other row shares; `#2`, `#3` for rows that nothing else tells apart."""
+    paths = []
+    for r in rows:
+        if r.summary_dir is not None:
+            paths.append(Path(r.summary_dir).parts)
+        else:  # a fine-tuned model that no distillation run here exported
+            parts = Path(r.model).parts or (r.model,)
+            if r.method.endswith("(random init)"):
+                parts = (*parts[:-1], f"{parts[-1]} (random init)")
+            paths.append(parts)
+    depth = {i: 1 for i in range(len(rows))}
+    while True:
+        names = ["/".join(p[-depth[i] :]) for i, p in enumerate(paths)]
+        clashes = [
+            i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(paths[i])
+        ]
+        if not clashes:
+            break
+        for i in clashes:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    for r, name in zip(rows, names, strict=True):
+        seen[name] = seen.get(name, 0) + 1
+        r.run = name if names.count(name) == 1 else f"{name} #{seen[name]}"
 
 
 def _row_from_summary(run_dir: Path, summary: dict, model: str) -> Row:
@@ -153,6 +201,8 @@ def _row_from_summary(run_dir: Path, summary: dict, model: str) -> Row:
         params=student.get("params"),
         gflops=student.get("gflops"),
         summary_dir=run_dir,
+        steps=summary.get("steps"),
+        final_loss=summary.get("final_loss"),
     )
 
 
@@ -173,12 +223,14 @@ def _params_m(row: Row) -> str:
 def to_markdown(rows: list[Row]) -> str:
     """The best-score table, and a median table when any task has several runs (a grid)."""
     tasks = task_columns(rows)
-    head = ["method", "teacher", "student (LxH)", "params (M)", "GFLOPs", *tasks, "average"]
+    head = ["run", "method", "teacher", "student (LxH)", "steps", "final loss", "params (M)",
+            "GFLOPs", *tasks, "average"]  # fmt: skip
 
     def table(value) -> list[str]:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            cells = [r.method, Path(r.teacher).name or r.teacher, r.shape, _params_m(r)]
+            cells = [r.run, r.method, Path(r.teacher).name or r.teacher, r.shape]
+            cells += ["-" if r.steps is None else str(r.steps), _fmt(r.final_loss, 4), _params_m(r)]
             cells += [_fmt(r.gflops, 2), *(_fmt(value(r, t)) for t in tasks)]
             cells.append(_fmt(r.average(value)))
             lines.append("| " + " | ".join(cells) + " |")
@@ -188,7 +240,7 @@ def to_markdown(rows: list[Row]) -> str:
     if any(len(v) > 1 for r in rows for v in r.scores.values()):
         out += ["", "## Median over the runs of each task", ""] + table(Row.median)
         out += ["", "Runs per task: " + "; ".join(
-            f"{r.method} {r.shape}: " + ", ".join(f"{t} {len(r.scores[t])}" for t in r.scores)
+            f"{r.run}: " + ", ".join(f"{t} {len(r.scores[t])}" for t in r.scores)
             for r in rows if r.scores
         )]  # fmt: skip
     out += [
@@ -202,7 +254,7 @@ def to_markdown(rows: list[Row]) -> str:
 
 def to_csv(rows: list[Row], path: str | Path) -> Path:
     tasks = task_columns(rows)
-    head = ["method", "teacher", "student", "params", "gflops"]
+    head = ["run", "method", "teacher", "student", "steps", "final_loss", "params", "gflops"]
     head += [f"{t}{suffix}" for t in tasks for suffix in ("", "_median", "_runs")]
     head += ["average", "model"]
     path = Path(path)
@@ -210,7 +262,7 @@ def to_csv(rows: list[Row], path: str | Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(head)
         for r in rows:
-            cells = [r.method, r.teacher, r.shape, r.params, r.gflops]
+            cells = [r.run, r.method, r.teacher, r.shape, r.steps, r.final_loss, r.params, r.gflops]
             for t in tasks:
                 cells += [r.best(t), r.median(t), len(r.scores.get(t, []))]
             writer.writerow([*cells, r.average(), r.model])
