@@ -10,7 +10,7 @@ from pathlib import Path
 
 # the tiny teacher and student; each CLI run with them takes a few seconds (imports dominate)
 TINY = ["teacher=tiny", "student=tiny", "data=text", "data.batch_size=8", "data.num_workers=0",
-        "trainer.log_every_n_steps=1"]  # fmt: skip
+        "trainer.log_every_n_steps=1", "trainer.precision=32"]  # fmt: skip
 
 _SENTENCES = [
     "The river bends slowly around the old mill before it reaches the town.",

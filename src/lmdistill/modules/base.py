@@ -18,7 +18,8 @@ from transformers import PreTrainedModel
 from lmdistill.distributed import gather_from_ranks
 from lmdistill.errors import UserError
 from lmdistill.losses import RelationPlan
-from lmdistill.models.capture import QKV, forward_qkv
+from lmdistill.hardware import compile_layers
+from lmdistill.models.capture import QKV, encoder_layers, forward_qkv
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.teacher import Teacher
 from lmdistill.modules.grad_guard import clip_and_guard
@@ -87,6 +88,11 @@ class DistillationModule(L.LightningModule):
         raise NotImplementedError
 
     # --- the forward passes ----------------------------------------------------------------
+
+    def compile_models(self, backend: str = "inductor") -> None:
+        """`torch.compile` the layers of student and teacher (in place: names and hooks kept)."""
+        compile_layers(encoder_layers(self.student), backend)
+        compile_layers(encoder_layers(self.teacher.model), backend)
 
     def student_qkv(self, batch: dict) -> QKV:
         inputs = _model_inputs(batch, self.student.config)
