@@ -165,7 +165,7 @@ def test_workers_and_ranks_disjoint_and_complete(tmp_path, tokenizer_path, token
         ds = dm.train_dataset()
         ds.rank, ds.world_size = rank, 2
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-        ids = _docs_seen(tokenizer, [{"input_ids": torch.tensor([x])} for x, _ in loader])
+        ids = _docs_seen(tokenizer, [{"input_ids": torch.as_tensor(x)[None]} for x, _ in loader])
         per_stream.append(ids)
         # Document n goes to global worker n % 4 (rank * 2 + worker).
         assert {n % 4 for n in ids} == {rank * 2, rank * 2 + 1}

@@ -25,8 +25,10 @@ and whether the worker is done.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -35,8 +37,25 @@ from lmdistill.data.sentences import split_sentences
 from lmdistill.data.sources import StreamSpec, iter_documents
 from lmdistill.data.token_cache import Document, ShardEnd, TokenCache, tokenize_sentences
 
-# An item is one finished pair: [len_a, len_b, *input_ids] (ints only, cheap to copy and pickle).
-Item = list
+# An item is one finished pair: [len_a, len_b, *input_ids], int32. The state carries the shuffle
+# buffer packed into one bytes object: workers send their state with every batch, and 1000 lists
+# of Python ints would cost more than building the batch.
+Item = np.ndarray
+
+
+def _pack(items: list[Item]) -> bytes:
+    lengths = np.array([len(x) for x in items], dtype=np.int32)
+    return np.concatenate([np.array([len(items)], dtype=np.int32), lengths, *items]).tobytes()
+
+
+def _unpack(packed: bytes | list) -> list[Item]:
+    if isinstance(packed, list):  # a state written before items were packed
+        return [np.asarray(x, dtype=np.int32) for x in packed]
+    flat = np.frombuffer(packed, dtype=np.int32)
+    count = int(flat[0])
+    lengths = flat[1 : 1 + count].tolist()
+    ends = (1 + count + np.cumsum(lengths, dtype=np.int64)).tolist()
+    return [flat[e - n : e].copy() for e, n in zip(ends, lengths, strict=True)]
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -101,8 +120,8 @@ class SegmentPairStream(IterableDataset):
             "skip": live["position"][1],
             "position_doc": live["position_doc"],
             "doc_number": live["doc_number"],
-            "pending": list(live["pending"]),
-            "buffer": list(live["buffer"]),
+            "pending": _pack(live["pending"]),
+            "buffer": _pack(live["buffer"]),
             "rng": _rng_state(live["rng"]),
             "done": live["done"],
         }
@@ -166,8 +185,7 @@ class SegmentPairStream(IterableDataset):
         ):
             if n >= start and cache is not None and n // size != shard:  # n opens a new shard
                 if writing:
-                    end = ShardEnd(n, live["position"], False)
-                    cache.write_part(shard, g, num_global, own, end)
+                    self._write(shard, g, num_global, own, ShardEnd(n, live["position"], False))
                 own, shard, writing = [], n // size, True
                 if cache.open_shard(shard) is not None:
                     return False
@@ -181,19 +199,34 @@ class SegmentPairStream(IterableDataset):
                     yield doc
             n += 1
         if writing:
-            cache.write_part(shard, g, num_global, own, ShardEnd(n, None, True))
+            self._write(shard, g, num_global, own, ShardEnd(n, None, True))
         live["doc_number"] = n
         return True
+
+    def _write(self, shard: int, g: int, num_global: int, own: list, end: ShardEnd) -> None:
+        """Write this worker's part of a shard; a full or read-only disk only costs the cache."""
+        if self.cache is None:  # an earlier write failed
+            return
+        try:
+            self.cache.write_part(shard, g, num_global, own, end)
+        except OSError as err:
+            warnings.warn(
+                f"token cache not written ({err}); this corpus stays uncached", stacklevel=2
+            )
+            self.cache = None
 
     # ---- pairs ------------------------------------------------------------------------------
     def _items(self, doc: Document, rng: random.Random) -> list[Item]:
         if not doc:
             return []
         pairs = build_pairs(doc, rng, self.max_tokens, self.short_seq_prob)
-        return [[len(a), len(b), *self.template.input_ids(a, b)] for a, b in pairs]
+        template = self.template
+        return [np.array([len(a), len(b), *template.input_ids(a, b)], np.int32) for a, b in pairs]
 
-    def _output(self, item: Item) -> tuple[list[int], list[int]]:
-        return item[2:], self.template.token_type_ids(item[0], item[1])
+    def _output(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        """`(input_ids, token_type_ids)`: [L] int32 each."""
+        types = self.template.token_type_ids(int(item[0]), int(item[1]))
+        return item[2:], np.array(types, dtype=np.int32)
 
     def __iter__(self):
         g, num_global = self._worker()
@@ -216,8 +249,8 @@ class SegmentPairStream(IterableDataset):
                 position=(resume["hf_state"], int(resume["skip"])),
                 position_doc=int(resume.get("position_doc", doc_number)),
                 doc_number=doc_number,
-                pending=[list(x) for x in resume["pending"]],
-                buffer=[list(x) for x in resume["buffer"]],
+                pending=_unpack(resume["pending"]),
+                buffer=_unpack(resume["buffer"]),
                 done=bool(resume["done"]),
             )
             _set_rng_state(rng, resume["rng"])
@@ -256,22 +289,20 @@ class SegmentPairStream(IterableDataset):
         live["done"] = True
 
 
-def collate_pairs(
-    examples: list[tuple[list[int], list[int]]], pad_id: int
-) -> dict[str, torch.Tensor]:
+def collate_pairs(examples: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence of the batch: input_ids, token_type_ids, attention_mask."""
     length = max(len(ids) for ids, _ in examples)
     batch = len(examples)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)  # [B, L]
-    token_type_ids = torch.zeros((batch, length), dtype=torch.long)  # [B, L]
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)  # [B, L]
+    input_ids = np.full((batch, length), pad_id, dtype=np.int64)  # [B, L]
+    token_type_ids = np.zeros((batch, length), dtype=np.int64)  # [B, L]
+    attention_mask = np.zeros((batch, length), dtype=np.int64)  # [B, L]
     for i, (ids, types) in enumerate(examples):
         n = len(ids)
-        input_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
-        token_type_ids[i, :n] = torch.tensor(types, dtype=torch.long)
+        input_ids[i, :n] = ids
+        token_type_ids[i, :n] = types
         attention_mask[i, :n] = 1
     return {
-        "input_ids": input_ids,
-        "token_type_ids": token_type_ids,
-        "attention_mask": attention_mask,
+        "input_ids": torch.from_numpy(input_ids),
+        "token_type_ids": torch.from_numpy(token_type_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
     }

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lmdistill import worker_lifetime
 from lmdistill.distributed import gather_from_ranks
 
 _EPOCH_KEY = "lmdistill_epoch"
@@ -39,6 +40,7 @@ class ResumableDataLoader(StatefulDataLoader):
         self._exhausted = False
         self._snapshots.clear()
         self._consumed = None
+        self.worker_init_fn = worker_lifetime.die_with_parent(self.worker_init_fn)  # no orphans
         iterator = super().__iter__()
         self._consumed = super().state_dict()  # nothing trained yet in this iteration
         return self._generate(iterator)

@@ -113,13 +113,25 @@ def _chunks(sentences: list[list[int]], rng: random.Random, max_tokens: int, sho
 
 
 def _trim(a: list[int], b: list[int], rng: random.Random, max_tokens: int) -> None:
-    """Trim the longer segment, at the front or the back at random, until the pair fits."""
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
+    """Trim the longer segment, at the front or the back at random (as BERT), until the pair fits.
+
+    Counts the cuts first (one draw per token, as deleting one token at a time would) and slices
+    once.
+    """
+    len_a, len_b = len(a), len(b)
+    cuts = [0, 0, 0, 0]  # front of A, back of A, front of B, back of B
+    while len_a + len_b > max_tokens:
+        back = rng.random() >= 0.5
+        if len_a > len_b:
+            cuts[back] += 1
+            len_a -= 1
         else:
-            longer.pop()
+            cuts[2 + back] += 1
+            len_b -= 1
+    if cuts[0] or cuts[1]:
+        a[:] = a[cuts[0] : len(a) - cuts[1]]
+    if cuts[2] or cuts[3]:
+        b[:] = b[cuts[2] : len(b) - cuts[3]]
 
 
 def build_pairs(
