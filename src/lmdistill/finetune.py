@@ -28,6 +28,7 @@ from lmdistill.errors import UserError, report_user_errors
 from lmdistill.glue import get_task
 from lmdistill.glue.classifier import GlueClassifier, load_classifier
 from lmdistill.glue.datamodule import GlueDataModule
+from lmdistill.hardware import resolve_precision
 from lmdistill.io import write_json_atomic
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.teacher import quiet_transformers
@@ -112,7 +113,10 @@ def run(cfg: DictConfig) -> dict:
         model, task, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio
     )
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
-    trainer = instantiate(cfg.trainer, logger=loggers, default_root_dir=str(out_dir))
+    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))  # auto
+    trainer = instantiate(
+        cfg.trainer, precision=precision, logger=loggers, default_root_dir=str(out_dir)
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(hyperparameters(cfg, model_path))
     try:
