@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, check_ok, run_cli, write_corpus
+from cli_helpers import TINY, check_ok, cli_env, run_cli, write_corpus
 from test_distill_errors import _assert_one_error_line, _assert_untouched, _prefill
 
-from lmdistill.checkpoint_io import AtomicCheckpointIO
+from lmdistill.checkpoint_io import AtomicCheckpointIO, NoSpaceError
 
 ATOMIC_PLUGIN = "++trainer.plugins=[{_target_:lmdistill.checkpoint_io.AtomicCheckpointIO}]"
 
@@ -129,7 +129,9 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     plugin = AtomicCheckpointIO()
     plugin.save_checkpoint(_state(1.0), path)
     monkeypatch.setattr(torch, "save", _half_then_fail(torch.save))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        NoSpaceError, match=f"^no space left on {tmp_path}; the previous last.ckpt is intact"
+    ):
         plugin.save_checkpoint(_state(2.0), path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["last.ckpt"]  # the half-written temporary file is gone
@@ -138,6 +140,56 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["global_step"] == 3
     assert os.listdir(tmp_path) == ["last.ckpt"]
     assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # an ordinary file, not 0600
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_is_one_line_whatever_torch_raises(tmp_path, monkeypatch):
+    """torch.save into a full disk raises RuntimeError `[enforce fail at inline_container.cc]
+    ... unexpected pos` (the OSError ENOSPC only as its context); /dev/full fails like one."""
+    path = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
+    real_save = torch.save
+
+    def save_into_full_disk(obj, f, *args, **kwargs):
+        with open("/dev/full", "wb") as full:
+            real_save(obj, full, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_into_full_disk)
+    with pytest.raises(NoSpaceError) as info:
+        AtomicCheckpointIO().save_checkpoint(_state(1.0), path)
+    chain, err = [], info.value.__cause__  # torch's errors are kept behind the one line
+    while err is not None:
+        chain.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    assert any("unexpected pos" in e for e in chain), chain
+    assert str(info.value) == (
+        f"no space left on {path.parent}; no epoch=0-step=2.ckpt was written: free space (or "
+        "write elsewhere: paths.output_dir=...), then resume with ckpt_path=last"
+    )
+    assert os.listdir(path.parent) == []
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError, match="^x$"):  # other failures stay what they are
+        AtomicCheckpointIO().save_checkpoint(_state(1.0), path)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_during_training_is_one_line_and_keeps_last_ckpt(workdir, cache_dir):
+    out = workdir / "disk_full"
+    args = [*TINY, f"data.paths=[{workdir / 'corpus.txt'}]", "trainer.max_steps=6",
+            "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={out}",
+            "+callbacks.full._target_=resume_probes.DiskFullFromStep", "+callbacks.full.step=3"]  # fmt: skip
+    env = cli_env(cache_dir, PYTHONPATH=str(Path(__file__).parent))
+    code, _, stderr = run_cli(args, workdir, cache_dir, env=env)
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and "inline_container" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        f"lmdistill: error: no space left on {out / 'checkpoints'}; the previous last.ckpt is "
+        "intact: free space (or write elsewhere: paths.output_dir=...), then resume with "
+        "ckpt_path=last"
+    ], stderr[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["last.ckpt"]  # no temporary file left
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not (out / "summary.json").exists()
 
 
 def _umask() -> int:

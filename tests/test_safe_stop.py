@@ -132,15 +132,34 @@ def test_sigterm_writes_a_checkpoint_at_the_step_boundary_and_exits(sigterm_run)
     assert not (out / "student").exists() and not (out / "summary.json").exists()
 
 
+def test_sigterm_checkpoint_is_saved_and_loaded_without_unpickling_warnings(sigterm_run):
+    """Every checkpoint is saved with its full state asked for explicitly and loaded with
+    `weights_only=True`: no "`weights_only` was not set, defaulting to `False`" on the way."""
+    out, _, err = sigterm_run
+    assert "weights_only" not in err, err[-3000:]
+    assert "weights_only" not in (out / "distill.log").read_text()
+
+
 def test_a_run_restarted_in_its_directory_continues_from_its_checkpoint(
     sigterm_run, workdir, cache_dir
 ):
     out, _, _ = sigterm_run
     stopped = len(_batches(out))
-    check_ok(_run(_args(workdir, out, f"trainer.max_steps={stopped + 2}"), workdir, cache_dir))
+    first_record = (out / ".hydra" / "overrides.yaml").read_text()
+    shorter = [f"trainer.max_steps={stopped + 2}", "resume.allow=[trainer.max_steps]"]
+    check_ok(_run(_args(workdir, out, *shorter), workdir, cache_dir))
     steps = [b["step"] for b in _batches(out)]
     assert steps == [*range(stopped), stopped, stopped + 1]  # continued, nothing trained twice
-    assert json.loads((out / "summary.json").read_text())["steps"] == stopped + 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == stopped + 2
+    assert summary["resumes"][0]["allowed_differences"] == {
+        "trainer.max_steps": [100000, stopped + 2]
+    }
+    # the first run's record is kept; the restart's is beside it
+    assert (out / ".hydra" / "overrides.yaml").read_text() == first_record
+    assert "trainer.max_steps=100000" in first_record
+    resumed_record = (out / ".hydra" / "resume-1" / "overrides.yaml").read_text()
+    assert f"trainer.max_steps={stopped + 2}" in resumed_record
 
 
 def test_preemption_signal_checkpoints_then_runs_the_schedulers_handler(workdir, cache_dir):

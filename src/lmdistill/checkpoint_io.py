@@ -7,11 +7,15 @@ network storage), the move is a copy into `last.ckpt` itself, so a crash or a fu
 leaves a truncated `last.ckpt`; nothing is fsync'ed either. `AtomicCheckpointIO` writes beside
 the target instead, fsyncs, and renames (`lmdistill.io.open_atomic`). Remote paths (s3://, ...)
 go to Lightning's implementation unchanged.
+
+A full disk (or quota) while saving is one line (`NoSpaceError`, a `UserError`: exit 2) instead of
+torch's `inline_container.cc ... unexpected pos` traceback; the previous checkpoint is intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 from pathlib import Path
@@ -22,7 +26,14 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from lmdistill.errors import UserError
 from lmdistill.io import open_atomic
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(UserError):
+    """The checkpoint did not fit on its file system; the previous one is intact."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -39,9 +50,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(local_path)
         _remove_leftovers(target)
-        with open_atomic(target, "wb") as f:
-            torch.save(checkpoint, f)
+        existed = target.is_file()
+        try:
+            with open_atomic(target, "wb") as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as err:
+            if not _is_no_space(err):
+                raise
+            kept = (
+                f"the previous {target.name} is intact"
+                if existed
+                else f"no {target.name} was written"
+            )
+            raise NoSpaceError(
+                f"no space left on {target.parent}; {kept}: free space (or write elsewhere: "
+                "paths.output_dir=...), then resume with ckpt_path=last"
+            ) from err
         return None
+
+
+def _is_no_space(err: BaseException | None) -> bool:
+    """Whether `err` is, or was raised while handling, a full disk (torch.save raises a
+    RuntimeError `unexpected pos` whose context is the OSError of the failed write)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _remove_leftovers(target: Path) -> None:

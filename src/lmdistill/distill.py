@@ -21,17 +21,24 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmdistill import __version__
 from lmdistill.config_checks import check_config
-from lmdistill.distributed import job_scope
+from lmdistill.distributed import is_first_rank, job_scope
 from lmdistill.errors import UserError, report_user_errors
 from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
 from lmdistill.models import build_student, export_student, load_teacher
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
-from lmdistill.runs import config_key, record_run, resolve_ckpt_path
+from lmdistill.resume import RecordConfig, check_resume, report_finished
+from lmdistill.runs import (
+    config_key,
+    record_run,
+    remember_job,
+    resolve_ckpt_path,
+    write_job_record,
+)
 from lmdistill.safe_stop import EXIT_SIGNALLED, CheckpointOnStop
 from lmdistill.tracking import finish_wandb
 
@@ -133,29 +140,43 @@ def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict
 
 
 def run(cfg: DictConfig) -> dict:
-    """Distil, export and summarise one configuration; returns the summary."""
+    """Distil, export and summarise one configuration; returns the summary.
+
+    A resumed run must have the checkpoint's config except where `resume.allow` says otherwise,
+    and a finished run is reported, not trained again (`lmdistill.resume`).
+    """
     check_config(cfg)  # seed=abc, optim.lr=-1, ...: one line before anything is built or written
     out_dir = Path(cfg.paths.output_dir)
     export_dir = out_dir / "student" if cfg.export else None
-    if export_dir is not None and export_dir.exists():
-        raise UserError(f"{export_dir} already exists; run in a fresh output directory")
     key = config_key(cfg)
     ckpt_path = resolve_ckpt_path(cfg, key)
+    if ckpt_path is None:
+        check_fresh_output(out_dir, export_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # no "Seed set" line on stderr
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+    resume = None
+    if checkpoint is not None:  # before anything is built: one line, no Lightning banner
+        check_world_size(checkpoint, configured_world_size(cfg), ckpt_path)
+        resume, finished = check_resume(checkpoint, cfg, ckpt_path)
+        if finished is not None:
+            return report_finished(finished) if is_first_rank() else {}
+        check_fresh_output(out_dir, export_dir, resuming=True)
     module, datamodule, trainer = build(cfg)
     if checkpoint is not None:
         check_checkpoint_matches(checkpoint, module, ckpt_path)
-        check_world_size(checkpoint, trainer, ckpt_path)
+        check_world_size(checkpoint, trainer.world_size, ckpt_path)
         del checkpoint
+    trainer.callbacks.append(RecordConfig(cfg, resume))  # the config goes into every checkpoint
+    resumes = [*resume.history, resume.record()] if resume is not None else []
     log.info(
         "rank %d of %d: config %s, pid %d on %s, CUDA_VISIBLE_DEVICES=%s, resuming from %s",
         trainer.global_rank, trainer.world_size, key, os.getpid(), socket.gethostname(),
         os.environ.get("CUDA_VISIBLE_DEVICES", ""), ckpt_path,
     )  # fmt: skip
+    write_job_record()  # .hydra/ (or .hydra/resume-<n>/): only now, never over an earlier run's
     record_run(cfg.paths.cache_dir, key, out_dir)  # `ckpt_path=last` of a later run finds it
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "resumes": resumes})
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -166,20 +187,36 @@ def run(cfg: DictConfig) -> dict:
     finally:
         finish_wandb(trainer)
     summary = (
-        _export_and_summarize(cfg, module, trainer, export_dir) if trainer.is_global_zero else {}
+        _export_and_summarize(cfg, module, trainer, export_dir, resumes)
+        if trainer.is_global_zero
+        else {}
     )
     trainer.strategy.barrier("lmdistill.export")  # every rank may use the export from here on
     return summary
 
 
-def _export_and_summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict:
-    """Rank 0: export the student, write summary.json; returns the summary."""
+def check_fresh_output(out_dir: Path, export_dir: Path | None, resuming: bool = False) -> None:
+    """Nothing of an earlier run in `out_dir` is overwritten: no export, no summary."""
+    if export_dir is not None and export_dir.exists():
+        raise UserError(f"{export_dir} already exists; run in a fresh output directory")
+    summary = out_dir / "summary.json"
+    if resuming and summary.exists():
+        raise UserError(f"{summary} already exists; run in a fresh output directory")
+
+
+def _export_and_summarize(
+    cfg: DictConfig, module, trainer, export_dir: Path | None, resumes: list[dict]
+) -> dict:
+    """Rank 0: export the student, write summary.json; returns the summary.
+
+    `resumes`: the checkpoints this training went through, with the config changes allowed at
+    each (`resume.allow`); recorded in both.
+    """
     if export_dir is not None:
         with quiet_transformers():
-            export_student(
-                module.student, cfg.data.tokenizer, export_dir, provenance(cfg, module, trainer)
-            )
-    summary = summarize(cfg, module, trainer, export_dir)
+            record = {**provenance(cfg, module, trainer), "resumes": resumes}
+            export_student(module.student, cfg.data.tokenizer, export_dir, record)
+    summary = {**summarize(cfg, module, trainer, export_dir), "resumes": resumes}
     out_dir = Path(cfg.paths.output_dir)
     write_json_atomic(out_dir / "summary.json", summary)
     log.info(
@@ -190,14 +227,31 @@ def _export_and_summarize(cfg: DictConfig, module, trainer, export_dir: Path | N
     return summary
 
 
-def check_world_size(checkpoint: dict, trainer, path: str) -> None:
-    """Each rank's data position and RNG are in the checkpoint: the rank count must not change."""
+def check_world_size(checkpoint: dict, world_size: int | None, path: str) -> None:
+    """Each rank's data position and RNG are in the checkpoint: the rank count must not change.
+
+    `world_size`: this run's rank count; None where it is not known yet (nothing checked).
+    """
     written_by = int(checkpoint.get("lmdistill", {}).get("world_size", 1))
-    if written_by != trainer.world_size:
+    if world_size is not None and written_by != world_size:
         raise UserError(
             f"checkpoint {path} was written by {written_by} process(es) but this run has "
-            f"{trainer.world_size}; resume with trainer.devices x trainer.num_nodes = {written_by}"
+            f"{world_size}; resume with trainer.devices x trainer.num_nodes = {written_by}"
         )
+
+
+def configured_world_size(cfg: DictConfig) -> int | None:
+    """The rank count the config asks for, where it says it plainly (devices: 2, or [0, 1])."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if not isinstance(nodes, int) or isinstance(devices, bool):
+        return None
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if isinstance(devices, (list, ListConfig)):
+        return len(devices) * nodes
+    return None  # "auto", -1: known once the Trainer exists
 
 
 def _exit_after_signal(trainer) -> None:
@@ -230,6 +284,7 @@ def provenance(cfg: DictConfig, module, trainer) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    remember_job(cfg)  # its .hydra/ record is written once the checks pass (runs.write_job_record)
     with job_scope("lmdistill.distill"):  # the next job of a sweep starts with a clean process
         if cfg.method.get("assistant") is not None:
             from lmdistill.assistant import run_with_assistant

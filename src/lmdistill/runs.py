@@ -4,10 +4,17 @@ A run's key is a hash of the parts of its resolved config that decide what it tr
 student, method, data, optimizer, trainer, seed); output paths, loggers, callbacks and Hydra's
 own settings are left out. `paths.cache_dir/runs/<key>.json` remembers the newest output
 directory of each key, so `ckpt_path=last` (and teacher-assistant stages) can continue it.
+
+The job's record (Hydra's `.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`) is written here,
+not by Hydra (`hydra.output_subdir: null`): Hydra writes it before the application starts, so a
+re-run refused by lmdistill would still overwrite the earlier run's record. `remember_job` keeps
+the job's config at the entry point; `write_job_record` writes it once the run's checks passed,
+into `.hydra/`, or `.hydra/resume-<n>/` where `.hydra/` exists already.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -15,22 +22,26 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lmdistill.errors import UserError
-from lmdistill.io import write_json_atomic
+from lmdistill.io import open_atomic, write_json_atomic
 
 KEY_PARTS = ("teacher", "student", "method", "data", "optim", "trainer", "seed")
 LAST = "last"
 
 
-def config_key(cfg: DictConfig, parts: tuple[str, ...] = KEY_PARTS) -> str:
-    """A short content hash of the training-relevant parts of a resolved config."""
-    selected = {
+def training_config(cfg: DictConfig, parts: tuple[str, ...] = KEY_PARTS) -> dict:
+    """The training-relevant parts of a config, resolved: plain dicts, lists, strings, numbers."""
+    return {
         part: OmegaConf.to_container(cfg[part], resolve=True)
         if isinstance(cfg[part], DictConfig)
         else cfg[part]
         for part in parts
         if part in cfg
     }
-    payload = json.dumps(selected, sort_keys=True, default=str)
+
+
+def config_key(cfg: DictConfig, parts: tuple[str, ...] = KEY_PARTS) -> str:
+    """A short content hash of the training-relevant parts of a resolved config."""
+    payload = json.dumps(training_config(cfg, parts), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -78,3 +89,43 @@ def resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
             "run without ckpt_path, or pass the checkpoint file itself"
         )
     return str(checkpoint)
+
+
+_job: list[tuple[DictConfig, DictConfig]] = []  # (task config, Hydra config) of the current job
+
+
+def remember_job(cfg: DictConfig) -> None:
+    """At the entry point, before anything runs: the job's config, for `write_job_record`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    _job.clear()
+    if HydraConfig.initialized():
+        _job.append((copy.deepcopy(cfg), copy.deepcopy(HydraConfig.instance().cfg)))
+
+
+def write_job_record() -> Path | None:
+    """Write the remembered job's record into its output directory (once; rank 0); where to."""
+    from lmdistill.distributed import is_first_rank
+
+    if not _job:
+        return None
+    cfg, hydra_cfg = _job.pop()
+    if hydra_cfg.hydra.output_subdir is not None or not is_first_rank():
+        return None  # Hydra wrote it (an explicit hydra.output_subdir), or another rank does
+    output_dir = Path(hydra_cfg.hydra.runtime.output_dir)
+    record, n = output_dir / ".hydra", 0
+    while True:
+        try:
+            record.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            record = output_dir / ".hydra" / f"resume-{n}"
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_cfg),
+        ("overrides.yaml", hydra_cfg.hydra.overrides.task),
+    ):
+        with open_atomic(record / name, "w") as f:
+            f.write(OmegaConf.to_yaml(node))
+    return record

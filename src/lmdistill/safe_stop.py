@@ -43,7 +43,8 @@ class CheckpointOnStop(L.Callback):
         if not isinstance(exception, (SIGTERMException, NonFiniteLossError)):
             return  # mid-step failures: the state may be half-updated, keep the last checkpoint
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        # the full state; left unset, Lightning logs "`weights_only` was not set, defaulting to `False`"
+        trainer.save_checkpoint(path, weights_only=False)
         if isinstance(exception, SIGTERMException):
             name = (self.received or signal.SIGTERM).name
             log.warning("%s at step %d: wrote %s", name, trainer.global_step, path)
