@@ -27,6 +27,7 @@ from lmdistill import __version__
 from lmdistill.config_checks import check_config
 from lmdistill.distributed import is_first_rank, job_scope
 from lmdistill.errors import UserError, report_user_errors
+from lmdistill.hardware import compile_backend, enable_tf32, resolve_precision
 from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_atomic
 from lmdistill.models import build_student, export_student, load_teacher
 from lmdistill.models.teacher import quiet_transformers
@@ -68,7 +69,8 @@ def teacher_dtype(setting: str, precision: str) -> torch.dtype:
 
 def build(cfg: DictConfig):
     """Instantiate (module, datamodule, trainer) from a composed config."""
-    precision = str(cfg.trainer.precision)
+    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+    enable_tf32(cfg.tf32)
     if precision.startswith("16") and not torch.cuda.is_available():
         log.warning(
             "trainer.precision=16-mixed has no effect on CPU: Lightning runs it as bf16-mixed"
@@ -90,13 +92,17 @@ def build(cfg: DictConfig):
     )
     method = instantiate(cfg.method, _partial_=True, _convert_="all")  # objects are passed below
     module = method(teacher=teacher, student=student, optim=OmegaConf.to_container(cfg.optim))
+    backend = compile_backend(cfg.compile)
+    if backend is not None:
+        module.compile_models(backend)
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")  # bad data paths or an empty corpus fail before anything is written
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=cfg.paths.output_dir
-    )
+        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers,
+        default_root_dir=cfg.paths.output_dir,
+    )  # fmt: skip
     return module, datamodule, trainer
 
 

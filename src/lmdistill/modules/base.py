@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 
 from lmdistill.distributed import gather_from_ranks
 from lmdistill.errors import UserError
-from lmdistill.losses import RelationPlan
 from lmdistill.hardware import compile_layers
+from lmdistill.losses import RelationPlan
 from lmdistill.models.capture import QKV, encoder_layers, forward_qkv
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.teacher import Teacher

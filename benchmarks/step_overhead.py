@@ -1,0 +1,181 @@
+"""The framework's overhead per step, measurable without a GPU: tiny models, where a step is
+mostly overhead, trained by lmdistill (Lightning, the real config and module) and by a plain
+PyTorch loop doing the same math on the same batches.
+
+    python benchmarks/step_overhead.py                 # 150 steps each (~2 min on 2 cores)
+    python benchmarks/step_overhead.py --steps 40      # smoke check
+
+Setting: `teacher=tiny student=tiny` (2 x 32 random BERT into 2 x 32, 4 relation heads),
+MiniLM v2, float32, batch 32 of the sample corpus (pre-built once, so data loading is outside
+both), grad-norm clip 5.0, fused AdamW with linear warmup/decay. Per step, both compute: teacher
+Q/K/V (inference mode, truncated), student Q/K/V of its last layer, 3 relation KLs, backward,
+clip, AdamW, scheduler.
+
+* lmdistill: `trainer.fit` on the module and Trainer that `lmdistill-distill` builds from its
+  config (`trainer.log_every_n_steps` as configured, 50 by default), without loggers, progress bar
+  or checkpoints (they run at intervals, not per step). Time of a step: from one
+  `on_train_batch_start` to the next, median over the timed steps.
+* plain: the same objects stepped by hand in a Python loop; median step time.
+* host reads: `lmdistill.host_reads.HostReadCounter` in a separate run of lmdistill (patching
+  costs time): reads of tensor values per step, steady state and per logging interval.
+
+Targets (issue "Fast where researchers actually train", item 5): at most 2 ms per step above the
+plain loop; at most one host read per logging interval. Results: stdout and
+bench-results/step_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from _framework import compose, quiet_overrides  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+OVERRIDES = ["teacher=tiny", "student=tiny", "method=minilm_v2", "trainer.precision=32",
+             "data.num_workers=0"]  # fmt: skip
+
+
+class StepClock(L.Callback):
+    """Wall time from one `on_train_batch_start` to the next (a whole loop iteration)."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module):
+        self.starts.append(time.perf_counter())
+
+    def step_seconds(self, warmup: int) -> list[float]:
+        return [
+            b - a for a, b in zip(self.starts[warmup:], self.starts[warmup + 1 :], strict=False)
+        ]
+
+
+def _build(steps: int, out: Path, extra: list[str] = ()):
+    from lmdistill.distill import build
+
+    cfg = compose([*OVERRIDES, *quiet_overrides(), f"trainer.max_steps={steps}", *extra], out)
+    L.seed_everything(cfg.seed, verbose=False)
+    return cfg, *build(cfg)
+
+
+def make_batches(steps: int, out: Path) -> list[dict]:
+    """The first `steps` batches of the tiny run's real DataModule."""
+    _, _, datamodule, _ = _build(steps, out)
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batches.append({k: v.clone() for k, v in batch.items()})
+        if len(batches) == steps:
+            return batches
+    raise RuntimeError("the sample corpus gave fewer batches than asked for")
+
+
+def run_framework(batches, out: Path, callbacks) -> None:
+    cfg, module, _, trainer = _build(len(batches), out)
+    trainer.callbacks.extend(callbacks)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+
+
+def run_plain(batches, out: Path, warmup: int) -> list[float]:
+    """The same math by hand: no Lightning, no counters, no logging."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from lmdistill.modules.base import _model_inputs
+
+    cfg, module, _, _ = _build(len(batches), out)
+    teacher, student = module.teacher, module.student
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                   {"params": rest, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, eps=1e-6, fused=True)  # fmt: skip
+    scheduler = get_linear_schedule_with_warmup(optimizer, 10, len(batches))
+    module.train()
+    from lmdistill.losses import relation_kl
+    from lmdistill.models.capture import forward_qkv
+
+    heads, last = module.relation_heads, student.config.num_hidden_layers - 1
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        mask = batch["attention_mask"]
+        t = teacher.qkv(batch["input_ids"], mask, batch.get("token_type_ids"))
+        s = forward_qkv(student, last, **_model_inputs(batch, student.config))
+        loss = sum(relation_kl((a, a), (b, b), mask, heads) for a, b in zip(t, s, strict=True)) / 3
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
+def main(argv=None) -> None:
+    from lmdistill.host_reads import HostReadCounter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", default="bench-results/step_overhead.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        batches = make_batches(args.steps, tmp / "data")
+        interval = int(compose(OVERRIDES, tmp).trainer.log_every_n_steps)
+        plain, framework = [], []
+        for round_ in range(2):  # interleaved, twice: the machine is shared and noisy
+            clock = StepClock()
+            run_framework(batches, tmp / f"fw{round_}", [clock])
+            framework += clock.step_seconds(args.warmup)
+            plain += run_plain(batches, tmp / f"plain{round_}", args.warmup)
+        counter = HostReadCounter(where=True)
+        run_framework(batches, tmp / "reads", [counter])
+    reads = counter.per_step[args.warmup :]
+    logging_steps = [r for i, r in enumerate(counter.per_step) if (i + 1) % interval == 0]
+    other_steps = [r for i, r in enumerate(counter.per_step[1:], 1) if (i + 1) % interval]
+    result = {
+        "setting": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "log_every_n_steps": interval,
+            "overrides": OVERRIDES,
+            "threads": torch.get_num_threads(),
+        },  # fmt: skip
+        "framework_ms": 1000 * statistics.median(framework),
+        "plain_ms": 1000 * statistics.median(plain),
+        "host_reads_per_step_max": max(other_steps) if other_steps else None,
+        "host_reads_per_logging_step": sorted(set(logging_steps)),
+        "host_reads_mean_per_step": sum(reads) / len(reads),
+        "host_read_sites": dict(counter.callers.most_common(10)),
+    }
+    result["overhead_ms"] = result["framework_ms"] - result["plain_ms"]
+    print("| | ms per step (median) |\n|---|---|")
+    print(f"| lmdistill (Lightning, real config) | {result['framework_ms']:.2f} |")
+    print(f"| plain PyTorch loop, same math | {result['plain_ms']:.2f} |")
+    print(f"| overhead per step | {result['overhead_ms']:.2f} (target <= 2) |")
+    print(f"\nhost reads: {result['host_reads_per_step_max']} per step between logging steps, "
+          f"{result['host_reads_per_logging_step']} at each logging step "
+          f"(every {interval} steps; target <= 1 per interval)")  # fmt: skip
+    print("read sites:", result["host_read_sites"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
