@@ -25,7 +25,8 @@ from lmdistill.models.moe_routing import (
     RoutingStats,
     dispatch,
     grouped_linear,
-    scatter_rows,
+    permute_rows,
+    unpermute_rows,
 )
 
 
@@ -51,12 +52,12 @@ class MiniMoEFeedForward(nn.Module):
         b, n, d = hidden.shape
         flat = hidden.reshape(b * n, d)  # [N, d]
         stats, gate = self.router(flat, real)
-        order, counts = dispatch(stats.expert, self.num_experts)
-        x = flat[order]  # [n_real, d], grouped by expert
-        x = self.act(grouped_linear(x, self.in_weight, self.in_bias, counts))  # [n_real, I]
-        x = grouped_linear(x, self.out_weight, self.out_bias, counts)  # [n_real, d]
-        x = x * gate[order, None].to(x.dtype)
-        out = scatter_rows(x, order, b * n).view(b, n, d)  # padding rows stay 0
+        route = dispatch(stats.expert, self.num_experts)  # no host sync
+        x = permute_rows(flat, route.order)  # [N, d], grouped by expert, padding last
+        x = self.act(grouped_linear(x, self.in_weight, self.in_bias, route))  # [N, I]
+        x = grouped_linear(x, self.out_weight, self.out_bias, route)  # [N, d], padding rows 0
+        x = x * permute_rows(gate, route.order)[:, None].to(x.dtype)
+        out = unpermute_rows(x, route.order).view(b, n, d)  # padding positions 0
         return self.LayerNorm(hidden + self.dropout(out)), stats
 
 
@@ -78,30 +79,31 @@ class MiniMoEAttention(nn.Module):
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
 
     def project_qkv(self, hidden: torch.Tensor, real: torch.Tensor):
-        """Each token's Q, K, V [B, L, d] from its own expert, plus the routing."""
+        """Each token's Q, K, V [B, L, d] from its own expert (0 for padding), plus the routing."""
         b, n, d = hidden.shape
         flat = hidden.reshape(b * n, d)
         stats, gate = self.router(flat, real)
-        order, counts = dispatch(stats.expert, self.num_experts)
-        qkv = grouped_linear(flat[order], self.qkv_weight, self.qkv_bias, counts)  # [n_real, 3d]
-        q, k, v = scatter_rows(qkv, order, b * n).view(b, n, 3 * d).chunk(3, dim=-1)
-        return (q, k, v), stats, gate, order, counts
+        route = dispatch(stats.expert, self.num_experts)  # no host sync
+        x = permute_rows(flat, route.order)
+        qkv = grouped_linear(x, self.qkv_weight, self.qkv_bias, route)  # [N, 3d], grouped
+        q, k, v = unpermute_rows(qkv, route.order).view(b, n, 3 * d).chunk(3, dim=-1)
+        return (q, k, v), stats, gate, route
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, real: torch.Tensor
     ) -> tuple[torch.Tensor, RoutingStats]:
         b, n, d = hidden.shape
-        (q, k, v), stats, gate, order, counts = self.project_qkv(hidden, real)
+        (q, k, v), stats, gate, route = self.project_qkv(hidden, real)
         heads = [
             x.view(b, n, self.num_heads, -1).transpose(1, 2) for x in (q, k, v)
         ]  # [B, A, L, a]
         context = nn.functional.scaled_dot_product_attention(
             *heads, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0
         )  # [B, A, L, a]
-        context = context.transpose(1, 2).reshape(b * n, d)[order]  # [n_real, d], grouped
-        x = grouped_linear(context, self.out_weight, self.out_bias, counts)
-        x = x * gate[order, None].to(x.dtype)
-        out = scatter_rows(x, order, b * n).view(b, n, d)
+        context = permute_rows(context.transpose(1, 2).reshape(b * n, d), route.order)
+        x = grouped_linear(context, self.out_weight, self.out_bias, route)  # [N, d], grouped
+        x = x * permute_rows(gate, route.order)[:, None].to(x.dtype)
+        out = unpermute_rows(x, route.order).view(b, n, d)  # padding positions 0
         return self.LayerNorm(hidden + self.dropout(out)), stats
 
 
