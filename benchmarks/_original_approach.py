@@ -1,6 +1,8 @@
 """A small, faithful re-implementation of the original research code's MiniLM v2 step (baseline).
 
-Used only by `benchmarks/distill_step.py` as the "original approach" baseline, float32. It keeps
+Used by `benchmarks/distill_step.py` (CPU, float32) and `benchmarks/gpu_step.py` (any device;
+float32, or float16 autocast with a GradScaler as the original code trains) as the "original
+approach" baseline. It keeps
 the original code's costs that METHODS.md section 11 lists as defects, so the comparison is honest:
 
 * the teacher is the **full, untruncated** model (all 6 layers and the pooler), run under
@@ -60,16 +62,19 @@ def _relation_probs(x, ext_mask, num_heads, dropout_p, training):
 class OriginalMiniLMv2:
     """teacher path + student config -> one full original-style training step per `step(batch)`."""
 
-    def __init__(self, teacher_path, student_config, relation_heads=32):
+    def __init__(self, teacher_path, student_config, relation_heads=32, device="cpu", fp16=False):
         config = AutoConfig.from_pretrained(teacher_path)
+        self.device = torch.device(device)
+        self.fp16 = fp16  # float16 autocast + GradScaler (the original code's `--fp16`)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.teacher = AutoModel.from_pretrained(
             teacher_path, config=config, attn_implementation="eager"
-        )
+        ).to(self.device)
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.student = AutoModel.from_config(student_config, attn_implementation="eager")
-        self.student.train()
+        self.student.to(self.device).train()
         self.t_store = _capture_qkv(self.teacher)
         self.s_store = _capture_qkv(self.student)
         self.heads = relation_heads
@@ -92,6 +97,7 @@ class OriginalMiniLMv2:
         ]
 
     def loss(self, batch):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         mask = batch["attention_mask"]
         ext_mask = (1.0 - mask[:, None, None, :].to(torch.float32)) * -10000.0  # [B, 1, 1, L]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -109,10 +115,13 @@ class OriginalMiniLMv2:
         return total / 3.0
 
     def step(self, batch):
-        loss = self.loss(batch)
-        loss.backward()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
+            loss = self.loss(batch)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad()
         for store in (self.t_store, self.s_store):
             for slot in store:
