@@ -27,10 +27,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/lmdistill-distill trainer.precision=bf16-mixed trainer.max_steps=200 \
+	$(OFFLINE) $(VENV)/bin/lmdistill-distill trainer.max_steps=200 \
 		hydra.run.dir=$(DEMO_DIR)/$$(date +%Y%m%d-%H%M%S)
 	@echo
-	@echo "Sweep: $(VENV)/bin/lmdistill-distill -m student=L3-H384,L4-H384 method=minilm_v1,minilm_v2 trainer.precision=bf16-mixed"
+	@echo "Sweep: $(VENV)/bin/lmdistill-distill -m student=L3-H384,L4-H384 method=minilm_v1,minilm_v2"
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q
@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/data_pipeline.py
 	$(OFFLINE) $(PY) benchmarks/moe_step.py
 	$(OFFLINE) $(PY) benchmarks/checkpoint_save.py
+	$(OFFLINE) $(PY) benchmarks/step_overhead.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

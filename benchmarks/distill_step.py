@@ -13,7 +13,7 @@ What is measured (all configurations in one process, interleaved step by step, m
 timed steps after the warm-up steps, because the machine is shared and noisy):
 
 * step: teacher forward (inference mode, truncated) + student forward (Q/K/V of its last layer)
-  + 3 relation KLs + backward + grad-norm clip 5.0 + AdamW (foreach), exactly the framework's
+  + 3 relation KLs + backward + grad-norm clip 5.0 + AdamW (fused), exactly the framework's
   `training_step` path; bf16-mixed = teacher weights in bf16 (`load_teacher(dtype=bfloat16)`)
   and CPU autocast bf16 around the forward with float32 master weights (Lightning's bf16-mixed).
 * best: the fastest timed step; targets are judged on the medians, the best-step ratios are
@@ -104,7 +104,7 @@ class Ours:
             {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": 0.01},
             {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=3e-4, eps=1e-6, foreach=True)
+        self.optimizer = torch.optim.AdamW(groups, lr=3e-4, eps=1e-6, fused=True)
 
     def _ctx(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else nullcontext()
