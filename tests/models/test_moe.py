@@ -264,3 +264,18 @@ def test_export_round_trip_in_a_fresh_process(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"cls": "MiniMoEModel", "equal": True, "clf": "MiniMoEForSequenceClassification",
                       "logits": [3, 3], "router_grad": True}  # fmt: skip
+
+
+def test_a_boolean_key_mask_gives_the_two_dimensional_masks_outputs_and_routing():
+    """[B, 1, 1, L] boolean masks (what distillation passes, to avoid a host read) are taken as
+    they are: outputs on real tokens and routing equal those of the 2-D mask."""
+    model = _model(attention=2, ffn=4).eval()
+    batch = _batch()
+    mask2d = batch["attention_mask"]
+    two = model(input_ids=batch["input_ids"], attention_mask=mask2d)
+    routing2 = [r.stats.expert for r in model.routing]
+    four = model(input_ids=batch["input_ids"], attention_mask=(mask2d != 0)[:, None, None, :])
+    real = mask2d.bool()
+    torch.testing.assert_close(four.last_hidden_state[real], two.last_hidden_state[real])
+    for a, r in zip(routing2, model.routing, strict=True):
+        assert torch.equal(a, r.stats.expert)

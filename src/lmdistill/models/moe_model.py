@@ -135,11 +135,15 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
         b, n = hidden.shape[:2]
         if attention_mask is None:
             real = torch.ones(b * n, dtype=torch.bool, device=hidden.device)
+            mask = None
+        elif attention_mask.dim() == 4:  # [B, 1, 1, L] boolean key mask: SDPA takes it as it is
+            real = attention_mask[:, 0, 0, :].reshape(-1)  # [B*L]
+            mask = attention_mask
         else:
             real = attention_mask.reshape(-1).bool()  # [B*L]
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )  # [B, 1, L, L] or None (no padding)
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+            )  # [B, 1, L, L] or None (no padding; found with a host read)
         self.routing = []
         for i, layer in enumerate(self.encoder.layer):
             hidden, routing = layer(hidden, mask, real)
