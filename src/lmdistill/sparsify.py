@@ -138,7 +138,8 @@ def fingerprint(cfg: DictConfig, loss: str) -> str:
         "seed": cfg.seed, "num_batches": cfg.num_batches, "loss": loss,
         "relation_heads": cfg.relation_heads if loss == "relation" else None,
     }  # fmt: skip
-    parts["data"].pop("num_workers", None)
+    for irrelevant in ("num_workers", "cache_dir"):  # where and how fast, not which batches
+        parts["data"].pop(irrelevant, None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
