@@ -9,7 +9,9 @@ does). Students at s90, s95, s98 and s99 are sliced from the reordered teacher.
 
 Latency: one forward pass of a batch of `--batch` x `--length` tokens (no padding) in inference
 mode on `--threads` CPU threads, float32; every model once per round, `--repeats` rounds after a
-warm-up round (interleaved, so load changes hit every model alike); medians and best.
+warm-up round (interleaved, so load changes hit every model alike); medians and best, and the
+median of the per-round ratios teacher / student. The load average before and after is printed:
+on a shared machine other processes inflate medians, and best times show the unloaded machine.
 
 GFLOPs per sequence of `--length` tokens (the papers' convention, `lmdistill.models.flops`) and
 parameters (embeddings included) also for a BERT-base-shaped random model (`BertConfig()`),
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -171,9 +174,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, teacher.config.vocab_size, (args.batch, args.length), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    load_before = os.getloadavg()
     times = time_models(models, inputs, args.repeats)
+    load_after = os.getloadavg()
 
-    dense_ms = 1000 * statistics.median(times["teacher (MiniLM 6x384, dense)"])
+    dense_times = times["teacher (MiniLM 6x384, dense)"]
+    dense_ms = 1000 * statistics.median(dense_times)
     dense_gflops = gflops_of(teacher.config, args.length)
     rows = []
     for name, model in models.items():
@@ -187,6 +193,10 @@ def main() -> None:
                 "latency_ms_median": median_ms,
                 "latency_ms_best": 1000 * min(times[name]),
                 "speedup": dense_ms / median_ms,
+                # teacher / student within each round: robust to load that drifts between rounds
+                "speedup_per_round_median": statistics.median(
+                    t / x for t, x in zip(dense_times, times[name], strict=True)
+                ),
                 "flops_reduction": dense_gflops / gflops,
                 "latency_ms_rounds": [round(1000 * t, 2) for t in times[name]],
                 **shape_of(model.config),
@@ -203,7 +213,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['hidden']} | {sum(r['layer_heads'])} | {sum(r['layer_neurons'])} | "
               f"{r['params'] / 1e6:.2f} | {r['gflops']:.3f} | {r['latency_ms_median']:.1f} "
-              f"({r['latency_ms_best']:.1f}) | {r['speedup']:.2f}x | {r['flops_reduction']:.1f}x |")  # fmt: skip
+              f"({r['latency_ms_best']:.1f}) | {r['speedup']:.2f}x ({r['speedup_per_round_median']:.2f}x) | "
+              f"{r['flops_reduction']:.1f}x |")  # fmt: skip
     print(
         "\n| BERT-base shape | hidden | heads | FFN neurons | params (M) | GFLOPs/seq | FLOPs ÷ |"
     )
@@ -213,7 +224,8 @@ def main() -> None:
               f"{r['params'] / 1e6:.2f} | {r['gflops']:.3f} | {base_rows[0]['gflops'] / r['gflops']:.1f}x |")  # fmt: skip
     result = {
         "settings": {**vars(args), "torch": torch.__version__, "machine": platform.machine(),
-                     "processor": platform.processor(), "importance_seconds": round(importance_s, 1)},
+                     "processor": platform.processor(), "importance_seconds": round(importance_s, 1),
+                     "load_average_before": load_before, "load_average_after": load_after},
         "minilm_l6": rows,
         "bert_base": base_rows,
     }  # fmt: skip

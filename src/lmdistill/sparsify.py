@@ -105,6 +105,11 @@ def has_mlm_head(config) -> bool:
 def load_model(name_or_path: str, loss: str, revision=None, trust_remote_code=False):
     """(model in eval mode with frozen float32 weights, the loss it is scored with)."""
     config = _load_config(name_or_path, revision, trust_remote_code)
+    if config.model_type == "lmdistill-sparse":
+        raise UserError(
+            f"{name_or_path} is already a sliced sparse model; sparsify the unpruned teacher "
+            "(or its reordered/ directory)"
+        )
     mlm = has_mlm_head(config)
     if loss == "mlm" and not mlm:
         raise UserError(

@@ -111,6 +111,9 @@ def test_errors_before_anything_is_written(work, sparsified, tmp_path):
         run(_compose([*COMMON, corpus, "loss=mlm", f"paths.output_dir={tmp_path / 'mlm'}"]))
     with pytest.raises(UserError, match="relation_heads=5"):
         run(_compose([*COMMON, corpus, "relation_heads=5", f"paths.output_dir={tmp_path / 'r'}"]))
+    with pytest.raises(UserError, match="already a sliced sparse model"):
+        sliced = f"teacher.name_or_path={sparsified / 'sparse-s50'}"
+        run(_compose([*COMMON, corpus, sliced, f"paths.output_dir={tmp_path / 's'}"]))
     assert not (tmp_path / "mlm").exists()
 
 
