@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
 
 from lmdistill.errors import UserError
 from lmdistill.sparse.schedule import SUPPORTED
+from lmdistill.sparsify import sparse_student
 
 COMMON = [
     "teacher=tiny", "data=text", "data.num_workers=0", "data.batch_size=8", "data.max_seq_length=64"
@@ -71,8 +72,10 @@ def test_outputs(sparsified, tiny_teacher_dir):
     )
     expected = original(**tokens).last_hidden_state[..., scores["hidden_order"]]
     torch.testing.assert_close(reordered(**tokens).last_hidden_state, expected, atol=1e-5, rtol=0)
-    student = AutoModel.from_pretrained(sparsified / "sparse-s50")
+    student = AutoModel.from_pretrained(sparsified / "sparse-s50").eval()
     assert student.config.layer_heads == summary["plans"]["s50"]["layer_heads"]
+    again = sparse_student(sparsified, 50)  # what a distillation method would build
+    torch.testing.assert_close(again(**tokens).pooler_output, student(**tokens).pooler_output)
 
 
 def test_finetune_sparse_student(sparsified, work, cache_dir):
