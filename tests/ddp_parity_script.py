@@ -40,6 +40,7 @@ def main(teacher_dir: str, devices: int, out_dir: str) -> None:
                             num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)  # fmt: skip
     module = MiniLMv2(teacher, student, relation_heads=4, optim={"lr": 1e-2, "warmup_steps": 0})
+    module.freeze_unreached()
     ids = torch.randint(
         1000, 5000, (GLOBAL_BATCH * STEPS, LENGTH), generator=torch.Generator().manual_seed(1)
     )

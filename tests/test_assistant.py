@@ -9,7 +9,7 @@ from cli_helpers import TINY, check_ok, cli_env, read_metrics, run_cli, write_co
 
 # a 1 x 16 student of the 2 x 32 tiny teacher: the assistant is 2 x 16
 SHAPE = ["student.num_hidden_layers=1", "student.hidden_size=16", "student.intermediate_size=32"]
-ASSISTANT_STEPS = "method.assistant.max_steps=3"
+ASSISTANT_STEPS = "assistant.max_steps=3"
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def ta(tmp_path_factory):
         cache,
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     )
-    base = [*TINY, "method=minilm_ta", *SHAPE, ASSISTANT_STEPS, f"data.paths=[{corpus}]"]
+    base = [*TINY, "assistant=default", *SHAPE, ASSISTANT_STEPS, f"data.paths=[{corpus}]"]
 
     def cli(name, *extra):
         return run_cli([*base, *extra, f"hydra.run.dir={work / name}"], work, cache, env=env)
@@ -37,7 +37,7 @@ def ta(tmp_path_factory):
     code, _, err = cli("D", *resumable, "student.num_hidden_layers=2", *crash)
     assert code != 0 and "simulated crash at step 3" in err
     check_ok(cli("E", *resumable, "student.num_hidden_layers=2"))
-    check_ok(cli("F", "trainer.max_steps=4", "method=minimoe_ta"))
+    check_ok(cli("F", "trainer.max_steps=4", "method=minimoe", "assistant.method=minilm_v2"))
     return work
 
 

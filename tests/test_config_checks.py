@@ -37,7 +37,7 @@ GOOD = [
     [],
     ["method=minilm_v1"],
     ["method=minimoe"],
-    ["method=minilm_ta"],
+    ["assistant=default"],
     ["experiment=minimoe_bert-base_L3"],
     ["method.relation_weights={qq: 1, kk: 0, vv: 2}"],
     ["method.relation_weights.qq=0.5", "optim.lr=1e-3", "seed=0"],

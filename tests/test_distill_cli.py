@@ -272,7 +272,7 @@ def test_multirun_gives_one_directory_per_job(tiny_sweep):
 def test_experiment_bert_large_l6(tmp_path, cache_dir):
     cfg = resolved_config(compose_distill(["experiment=minilm_v2_bert-large_L6"]), tmp_path)
     assert cfg["teacher"]["name_or_path"] == "google-bert/bert-large-uncased"
-    assert cfg["teacher"]["layer"] == 21 and cfg["method"]["teacher_layer"] == 21
+    assert cfg["teacher"]["layer"] == 21 and "teacher_layer" not in cfg["method"]  # one place
     assert cfg["method"]["relation_heads"] == 64
     assert cfg["method"]["_target_"] == "lmdistill.modules.MiniLMv2"
     assert (cfg["student"]["num_hidden_layers"], cfg["student"]["hidden_size"]) == (6, 384)
@@ -287,7 +287,7 @@ def test_experiment_bert_large_l6(tmp_path, cache_dir):
 def test_experiment_bert_base_l3(tmp_path, cache_dir):
     cfg = resolved_config(compose_distill(["experiment=minilm_v2_bert-base_L3"]), tmp_path)
     assert cfg["teacher"]["name_or_path"] == "google-bert/bert-base-uncased"
-    assert cfg["teacher"]["layer"] is None and cfg["method"]["teacher_layer"] is None
+    assert cfg["teacher"]["layer"] is None and "teacher_layer" not in cfg["method"]
     assert cfg["method"]["relation_heads"] == 32
     assert (cfg["student"]["num_hidden_layers"], cfg["student"]["hidden_size"]) == (3, 384)
     assert cfg["optim"]["lr"] == 3e-4 and cfg["optim"]["eps"] == 1e-6

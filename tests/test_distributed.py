@@ -270,8 +270,8 @@ def test_teacher_assistant_runs_both_stages_in_one_ddp_job(workdir, cache_dir):
     ]
     check_ok(
         run_cli(
-            [*TINY, f"data.paths=[{workdir / 'corpus.txt'}]", *DDP, "method=minilm_ta", *shape,
-             "method.assistant.max_steps=2", "trainer.max_steps=2", f"hydra.run.dir={out}"],
+            [*TINY, f"data.paths=[{workdir / 'corpus.txt'}]", *DDP, "assistant=default", *shape,
+             "assistant.max_steps=2", "trainer.max_steps=2", f"hydra.run.dir={out}"],
             workdir, cache_dir, env=_env(cache_dir), timeout=480,  # 2 stages x 2 processes
         )
     )  # fmt: skip

@@ -46,6 +46,7 @@ def _losses(tiny_teacher_dir, tmp_path, backend):
                             num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)  # fmt: skip
     module = MiniLMv2(teacher, student, relation_heads=4)
+    module.freeze_unreached()
     names = list(module.state_dict())
     if backend:
         module.compile_models(backend)

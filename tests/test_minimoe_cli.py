@@ -26,9 +26,9 @@ def test_moe_presets_compose(preset, x, y):
     assert (
         cfg.moe.balance_weight == 0.01 and cfg.moe.router_noise == 0.1 and cfg.moe.init == "carve"
     )
-    assert cfg.method.relation_site == "top_projection"
+    assert cfg.method.relation_site is None  # null: the method's default, top_projection
     cfg = _compose(["method=minimoe", "moe.ffn_experts=3", "moe.init=independent"])
-    assert cfg.method.moe.ffn_experts == 3 and cfg.method.moe.init == "independent"
+    assert cfg.student.moe.ffn_experts == 3 and cfg.student.moe.init == "independent"
 
 
 @pytest.fixture(scope="module")

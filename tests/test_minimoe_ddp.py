@@ -56,7 +56,7 @@ def _worker(rank: int, port: int, teacher_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from lmdistill.models import build_student, load_teacher
+    from lmdistill.models import MoESettings, build_student, load_teacher, moe_student
     from lmdistill.modules import MiniMoE
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -69,8 +69,9 @@ def _worker(rank: int, port: int, teacher_dir: str, out_dir: str) -> None:
         teacher = load_teacher(teacher_dir)
         dense = build_student(teacher.config, num_hidden_layers=2, hidden_size=32,
                               num_attention_heads=4, intermediate_size=64)  # fmt: skip
-        module = MiniMoE(teacher, dense, moe={"attention_experts": 2, "ffn_experts": 4},
-                         relation_heads=4)  # fmt: skip
+        student = moe_student(dense, MoESettings(attention_experts=2, ffn_experts=4))
+        module = MiniMoE(teacher, student, relation_heads=4)
+        module.freeze_unreached()
         step = DistributedDataParallel(_Step(module))  # find_unused_parameters=False (default)
         for layer in module.student.encoder.layer:
             for router in (layer.attention.router, layer.ffn.router):

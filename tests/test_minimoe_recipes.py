@@ -20,13 +20,13 @@ def test_minimoe_recipe(teacher, layers, tmp_path, cache_dir):
     assert (Path(lmdistill.resources.CONF_DIR) / "experiment" / f"{name}.yaml").is_file()
     cfg = resolved_config(compose_distill([f"experiment={name}"]), tmp_path)
     assert cfg["teacher"]["name_or_path"] == TEACHERS[teacher]
-    assert cfg["teacher"]["layer"] is None and cfg["method"]["teacher_layer"] is None  # last
+    assert cfg["teacher"]["layer"] is None and "teacher_layer" not in cfg["method"]  # last
     assert (cfg["student"]["num_hidden_layers"], cfg["student"]["hidden_size"]) == (layers, 384)
     method = cfg["method"]
     assert method["_target_"] == "lmdistill.modules.MiniMoE"
     assert method["relation_heads"] == 32 and cfg["teacher"]["relation_heads"] == 32
-    assert method["relation_site"] == "top_projection"
-    moe = method["moe"]
+    assert method["relation_site"] == "top_projection" == cfg["student"]["relation_site"]
+    moe = cfg["student"]["moe"]
     assert (moe["attention_experts"], moe["ffn_experts"]) == (1, 4) and moe == cfg["moe"]
     assert moe["balance_weight"] == 0.01
     assert cfg["optim"]["lr"] == 3e-4 and cfg["optim"]["eps"] == 1e-6
@@ -41,6 +41,6 @@ def test_minimoe_recipe(teacher, layers, tmp_path, cache_dir):
 def test_moe_override_wins_over_the_recipe(tmp_path, cache_dir):
     """A sweep `experiment=minimoe_... moe=1x1,1x4,2x4` really changes the experts."""
     cfg = resolved_config(compose_distill(["experiment=minimoe_bert-base_L3", "moe=2x4"]), tmp_path)
-    moe = cfg["method"]["moe"]
+    moe = cfg["student"]["moe"]
     assert (moe["attention_experts"], moe["ffn_experts"]) == (2, 4)
     assert cfg["method"]["relation_heads"] == 32

@@ -1,4 +1,5 @@
-"""Teacher-assistant distillation: teacher -> assistant -> student in one command (METHODS.md 4).
+"""Teacher-assistant distillation: teacher -> assistant -> student in one command (docs/methods.md
+section 4), for any method: the `assistant` config group (null: no assistant).
 
     <run dir>/
       stage1_assistant -> <cache_dir>/assistants/<key>/   (checkpoints/, logs/, student/, summary.json)
@@ -27,6 +28,8 @@ from transformers import AutoConfig
 from lmdistill.distributed import is_first_rank
 from lmdistill.errors import UserError
 from lmdistill.io import write_json_atomic
+from lmdistill.pipeline import run
+from lmdistill.resources import CONF_DIR
 from lmdistill.runs import LAST, config_key, previous_checkpoint
 
 log = logging.getLogger("lmdistill")
@@ -37,8 +40,6 @@ SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "inte
 
 def run_with_assistant(cfg: DictConfig) -> dict:
     """Run both stages; returns the final student's summary (with an `assistant` entry)."""
-    from lmdistill.distill import run  # the one training loop both stages share
-
     out_dir = Path(cfg.paths.output_dir)
     stage1 = assistant_stage(cfg)
     key = config_key(stage1)
@@ -78,17 +79,18 @@ def run_with_assistant(cfg: DictConfig) -> dict:
 
 
 def assistant_stage(cfg: DictConfig) -> DictConfig:
-    """Stage 1: the teacher distilled into the assistant shape with the same method."""
+    """Stage 1: the teacher distilled into a dense assistant (moe=1x1) of the assistant shape,
+    with `assistant.method` (a name in conf/method/) or else the student's method."""
     stage = _without_assistant(cfg)
-    assistant = cfg.method.assistant
+    assistant = cfg.assistant
     depth = assistant.num_hidden_layers or _teacher_depth(cfg)
     shape = {"num_hidden_layers": depth, **{f: assistant[f] for f in SHAPE_FIELDS[1:]}}
     for field, value in shape.items():
         _set(stage, f"student.{field}", value)
     _set(stage, "trainer.max_steps", assistant.max_steps)
-    if assistant.get("method") is not None:  # e.g. a dense assistant for a MiniMoE student
-        method = OmegaConf.to_container(assistant.method, resolve=True)
-        _set(stage, "method", method)
+    if assistant.method is not None:  # e.g. minilm_v2 for a MiniMoE student
+        _set(stage, "method", _group_option("method", assistant.method))
+    _set(stage, "moe", _group_option("moe", "1x1"))  # the assistant is dense
     _name_wandb_run(stage, cfg, STAGE1_DIR)
     return stage
 
@@ -98,6 +100,7 @@ def student_stage(cfg: DictConfig, assistant_dir: Path) -> DictConfig:
     stage = _without_assistant(cfg)
     relation_heads = cfg.teacher.relation_heads
     _set(stage, "teacher", {
+        "_target_": cfg.teacher._target_,
         "name_or_path": str(assistant_dir), "revision": None, "layer": None,
         "relation_heads": relation_heads, "dtype": cfg.teacher.dtype, "trust_remote_code": False,
     })  # fmt: skip
@@ -111,8 +114,17 @@ def _without_assistant(cfg: DictConfig) -> DictConfig:
     # resolve everything that points at Hydra's run dir or other stages before editing
     with open_dict(stage):
         stage.paths.output_dir = str(cfg.paths.output_dir)
-        del stage.method["assistant"]
+        stage.assistant = None
     return stage
+
+
+def _group_option(group: str, name: str) -> DictConfig:
+    """The config of `<group>=<name>` (its interpolations resolve in the stage's config)."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise UserError(f"unknown {group} '{name}' in assistant.{group}; use one of {options}")
+    return OmegaConf.load(path)
 
 
 def _teacher_depth(cfg: DictConfig) -> int:
@@ -121,7 +133,7 @@ def _teacher_depth(cfg: DictConfig) -> int:
     except OSError as err:
         raise UserError(
             f"cannot read the teacher config of '{cfg.teacher.name_or_path}' to size the assistant; "
-            "set method.assistant.num_hidden_layers or fix teacher.name_or_path"
+            "set assistant.num_hidden_layers or fix teacher.name_or_path"
         ) from err
 
 

@@ -28,6 +28,7 @@ def test_steady_state_steps_read_nothing_and_each_interval_reads_once(method, ti
                             num_attention_heads=4, intermediate_size=64)  # fmt: skip
     kwargs = {"relation_heads": 4} if method is MiniLMv2 else {}
     module = method(teacher, student, **kwargs)
+    module.freeze_unreached()
     counter = HostReadCounter(where=True)
     trainer = L.Trainer(accelerator="cpu", max_steps=12, log_every_n_steps=5, logger=False,
                         enable_progress_bar=False, enable_checkpointing=False,

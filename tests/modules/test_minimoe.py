@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmdistill.errors import UserError
-from lmdistill.models import build_student, load_teacher
+from lmdistill.models import MoESettings, build_student, load_teacher, moe_student
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.moe import MiniMoEModel, load_balance
 from lmdistill.modules import MiniLMv2, MiniMoE
@@ -27,8 +27,11 @@ def _dense(teacher):
 
 
 def _module(teacher, x=1, y=4, **kw):
-    moe = {"attention_experts": x, "ffn_experts": y, **kw.pop("moe", {})}
-    return MiniMoE(teacher, _dense(teacher), moe=moe, relation_heads=4, **kw)
+    moe = MoESettings(**{"attention_experts": x, "ffn_experts": y, **kw.pop("moe", {})})
+    student = moe_student(_dense(teacher), moe)
+    module = MiniMoE(teacher, student, moe.balance_weight, relation_heads=4, **kw)
+    module.freeze_unreached()
+    return module
 
 
 def test_loss_is_the_relation_mean_plus_weighted_balance(teacher, padded_batch):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lmdistill.models import build_student, load_teacher
 from lmdistill.modules import MiniLMv2
-from lmdistill.modules.base import NonFiniteLossError
+from lmdistill.modules.bookkeeping import NonFiniteLossError
 from lmdistill.safe_stop import CheckpointOnStop
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -48,7 +48,9 @@ def _module(tiny_teacher_dir, **optim):
     torch.manual_seed(1)
     student = build_student(teacher.config, num_hidden_layers=2, hidden_size=32,
                             num_attention_heads=4, intermediate_size=64)  # fmt: skip
-    return MiniLMv2(teacher, student, relation_heads=4, optim={"lr": 1e-3, **optim})
+    module = MiniLMv2(teacher, student, relation_heads=4, optim={"lr": 1e-3, **optim})
+    module.freeze_unreached()
+    return module
 
 
 def _loader(steps: int) -> DataLoader:

@@ -22,10 +22,12 @@ class QKV(NamedTuple):
     value: torch.Tensor  # [B, L, d]
 
 
-class _Captured(Exception):
-    def __init__(self, qkv: QKV):
-        super().__init__("Q/K/V captured")
-        self.qkv = qkv
+class StopForward(Exception):
+    """Raised by a hook once everything needed is captured: the rest is never computed."""
+
+    def __init__(self, value):
+        super().__init__("forward pass stopped after the captured layer")
+        self.value = value
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -55,19 +57,23 @@ def self_attention(layer: nn.Module) -> nn.Module:
 def forward_qkv(model: nn.Module, layer_index: int, **inputs: torch.Tensor) -> QKV:
     """Run `model(**inputs)` up to layer `layer_index` (0-based) and return its Q, K, V [B, L, d]."""
     layer = encoder_layers(model)[layer_index]
-    attention = self_attention(layer)
+    attention = None if hasattr(layer.attention, "project_qkv") else self_attention(layer)
 
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # [B, L, d]
-        raise _Captured(
+        project = getattr(layer.attention, "project_qkv", None)  # MiniMoE attention experts
+        if project is not None:
+            (q, k, v), *_ = project(hidden, args[2])  # each token's own expert
+            raise StopForward(QKV(q, k, v))
+        raise StopForward(
             QKV(attention.query(hidden), attention.key(hidden), attention.value(hidden))
         )
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(**inputs)
-    except _Captured as captured:
-        return captured.qkv
+    except StopForward as captured:
+        return captured.value
     finally:
         handle.remove()
     raise RuntimeError(f"layer {layer_index} of {type(model).__name__} was never reached")

@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from lmdistill.errors import UserError
 from lmdistill.models.capture import QKV, encoder_layers, forward_qkv, self_attention
+from lmdistill.models.features import FeatureRequest, Features, forward_features
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 
@@ -46,6 +47,18 @@ class Teacher:
         if token_type_ids is not None and self.config.type_vocab_size > 1:
             inputs["token_type_ids"] = token_type_ids
         return forward_qkv(self.model, self.layer - 1, **inputs)
+
+    @torch.inference_mode()
+    def features(self, request: FeatureRequest, **inputs: torch.Tensor) -> Features:
+        """Exactly the `request`ed features (inference tensors), computed up to its top layer."""
+        if request.top_layer > self.layer:
+            raise UserError(
+                f"the method needs teacher layer {request.top_layer} but the teacher was loaded up "
+                f"to layer {self.layer}; set teacher.layer={request.top_layer} or higher"
+            )
+        if inputs.get("token_type_ids") is not None and self.config.type_vocab_size <= 1:
+            inputs.pop("token_type_ids")
+        return forward_features(self.model, request, **inputs)
 
     def to(self, *args, **kwargs) -> Teacher:
         self.model.to(*args, **kwargs)
@@ -85,6 +98,37 @@ def _load_config(name_or_path: str, revision: str | None, trust_remote_code: boo
         ) from err
 
 
+def teacher_dtype(setting: str, precision: str) -> torch.dtype:
+    """The teacher's weight dtype: `auto` follows the training precision."""
+    if setting != "auto":
+        if setting not in ("float32", "bfloat16", "float16"):
+            raise UserError(
+                f"unknown teacher.dtype '{setting}'; use auto, float32, bfloat16 or float16"
+            )
+        return getattr(torch, setting)
+    if precision.startswith("bf16") or (
+        precision.startswith("16") and not torch.cuda.is_available()
+    ):
+        return torch.bfloat16  # Lightning runs 16-mixed as bf16 on CPU
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def build_teacher(
+    name_or_path: str,
+    layer: int | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: str = "auto",
+    precision: str = "32",
+) -> Teacher:
+    """The `teacher` config group's builder: `load_teacher` with `dtype` resolved against the
+    run's (resolved) `precision`."""
+    return load_teacher(name_or_path, layer, revision, trust_remote_code,
+                        teacher_dtype(dtype, precision))  # fmt: skip
+
+
 def load_teacher(
     name_or_path: str,
     layer: int | None = None,
@@ -99,7 +143,7 @@ def load_teacher(
     if not 1 <= layer <= total:
         raise UserError(
             f"teacher layer {layer} is outside 1..{total} of '{name_or_path}'; "
-            f"set method.teacher_layer between 1 and {total} (or null for the last layer)"
+            f"set teacher.layer between 1 and {total} (or null for the last layer)"
         )
     truncated = copy.deepcopy(config)
     truncated.num_hidden_layers = layer  # layers above the distilled one are never built

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from lmdistill.models.export import make_temp_dir, publish_dir
 from lmdistill.models.teacher import quiet_transformers
-from lmdistill.resources import package_dir
+from lmdistill.packages import package_dir
 
 TINY_SHAPE = {
     "num_hidden_layers": 2,

@@ -1,131 +1,125 @@
-"""The shared base of every distillation method: teacher, student, relation site, optimisation.
+"""The one base of every distillation method.
 
-A training step, top to bottom: the frozen teacher gives Q/K/V of its distilled layer; the
-student gives Q/K/V at its relation site; the method turns both into named loss terms; their
-combination is the loss. Subclasses implement `loss_terms` and `combine` only.
+A method is a LightningModule that states which teacher features it needs
+(`teacher_request`) and computes its loss from a batch (`step_loss`); it may run several
+student passes per teacher pass and own extra modules. Everything else is shared here: the
+frozen teacher's features, the student's encoder inputs, freezing what the loss cannot reach
+(`freeze_unreached`, called once the method is built), the optimizer, and the bookkeeping
+(`bookkeeping.StepRecords`: meter, clipping and non-finite skips, RNG for exact resume).
+
+A training step, top to bottom: `step_loss(batch)` -> (loss, named terms) -> the records.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+from typing import ClassVar
 
 import lightning as L
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
-from lmdistill.distributed import gather_from_ranks
 from lmdistill.errors import UserError
 from lmdistill.hardware import compile_layers
 from lmdistill.losses import RelationPlan
-from lmdistill.models.capture import QKV, encoder_layers, forward_qkv
-from lmdistill.models.flops import encoder_gflops
+from lmdistill.models.capture import encoder_layers
+from lmdistill.models.describe import experts_of, student_gflops
+from lmdistill.models.features import FeatureRequest, Features
 from lmdistill.models.teacher import Teacher
-from lmdistill.modules.grad_guard import clip_and_guard
-from lmdistill.modules.meter import TrainingMeter
-from lmdistill.schedule import LinearWarmupDecay
-
-RELATION_SITES = ("last_layer", "top_projection")
+from lmdistill.modules.bookkeeping import NonFiniteLossError, StepRecords
+from lmdistill.modules.optim import OptimSettings, configure_adamw
 
 
-@dataclass
-class OptimSettings:
-    """AdamW with linear warmup then linear decay to 0 (METHODS.md section 10)."""
+class DistillationMethod(L.LightningModule):
+    """Distil a frozen `teacher` into `student`. Subclasses define `teacher_request`,
+    `step_loss` and `summary_fields`, and set `accepts_moe` if they train MiniMoE students."""
 
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.01  # not applied to biases and LayerNorm (1-D parameters)
-    warmup_ratio: float = 0.01  # fraction of the total optimizer steps
-    warmup_steps: int | None = None  # overrides warmup_ratio when set
-    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
+    accepts_moe: ClassVar[bool] = False  # whether MiniMoE students (moe other than 1x1) are trained
 
-
-class DistillationModule(L.LightningModule):
-    """Distil a frozen `teacher` into `student` through Q/K/V relations.
-
-    relation_site: "last_layer" reads Q/K/V of the student's last layer (its attention output,
-    FFN and pooler are then never computed and are kept out of the optimizer); "top_projection"
-    adds a `Linear(d, 3d)` on top of the final hidden states (dropped at export).
-    """
-
-    def __init__(
-        self,
-        teacher: Teacher,
-        student: PreTrainedModel,
-        relation_site: str = "last_layer",
-        optim: dict | OptimSettings | None = None,
-    ):
+    def __init__(self, teacher: Teacher, student: PreTrainedModel,
+                 optim: dict | OptimSettings | None = None):  # fmt: skip
         super().__init__()
-        if relation_site not in RELATION_SITES:
+        experts = experts_of(student)
+        if experts != (1, 1) and not self.accepts_moe:
             raise UserError(
-                f"unknown student.relation_site '{relation_site}'; use one of {', '.join(RELATION_SITES)}"
+                f"{type(self).__name__} distils dense students but moe={experts[0]}x{experts[1]} "
+                "builds a MiniMoE student; use method=minimoe or moe=1x1"
             )
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never in DDP or checkpoints
         self.student = student
-        self.relation_site = relation_site
-        if relation_site == "top_projection":
-            d = student.config.hidden_size
-            self.relation_projection = nn.Linear(d, 3 * d)
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings(**(optim or {}))
-        self._relation_plan: RelationPlan | None = None  # of the current batch, host side
-        self.frozen_parameters = self._freeze_unreached_parameters()
-        self.meter = TrainingMeter()
-        self._step_loss: torch.Tensor | None = None  # sum of this step's micro-batch losses
-        self._step_nonfinite: torch.Tensor | None = None  # [] bool: a loss was not finite
-        self._micro_batches = 0
-        self._rng_to_restore: dict | None = None
+        self.records = StepRecords(self.optim.max_nonfinite_steps)
+        self.frozen_parameters: list[str] = []  # set by `freeze_unreached`
+        self.batch_plan: RelationPlan | None = None  # of the current batch, host side
 
     # --- what a method defines -------------------------------------------------------------
 
-    def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
-        """Named float32 scalar loss terms, e.g. {"qq": ..., "kk": ..., "vv": ...}."""
+    def teacher_request(self) -> FeatureRequest:
+        """The teacher features `step_loss` reads (the teacher computes exactly these)."""
         raise NotImplementedError
 
-    def combine(self, terms: dict) -> torch.Tensor:
-        """The training loss from the terms."""
+    def step_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a batch and its named float32 scalar terms (logged)."""
         raise NotImplementedError
 
-    # --- the forward passes ----------------------------------------------------------------
+    def summary_fields(self) -> dict:
+        """Method settings recorded in summary.json and the export's provenance."""
+        return {}
+
+    # --- shared pieces for `step_loss` --------------------------------------------------------
+
+    def teacher_features(self, batch: dict) -> Features:
+        """The requested teacher features of `batch` (inference tensors, never saved for backward)."""
+        mask = encoder_mask(self.teacher.model, batch["attention_mask"], self.batch_plan)
+        return self.teacher.features(self.teacher_request(), input_ids=batch["input_ids"],
+                                     attention_mask=mask, token_type_ids=batch.get("token_type_ids"))  # fmt: skip
+
+    def student_inputs(self, batch: dict) -> dict:
+        """Keyword inputs of the student for `batch` (a mask that needs no host read)."""
+        inputs = model_inputs(batch, self.student.config)
+        inputs["attention_mask"] = encoder_mask(
+            self.student, batch["attention_mask"], self.batch_plan
+        )
+        return inputs
+
+    # --- built once ----------------------------------------------------------------------------
+
+    def freeze_unreached(self) -> list[str]:
+        """Freeze the parameters `step_loss` cannot reach, found by one tiny backward pass; call
+        once the method is built. They stay out of the optimizer and DDP (no
+        `find_unused_parameters`) and are trained only at fine-tuning (e.g. with the last-layer
+        relation site: the last layer's attention output, FFN and the pooler)."""
+        batch = {
+            "input_ids": torch.zeros(1, 4, dtype=torch.long),
+            "attention_mask": torch.ones(1, 4, dtype=torch.long),
+            "token_type_ids": torch.zeros(1, 4, dtype=torch.long),
+        }
+        with torch.enable_grad():
+            loss, _ = self.step_loss(batch)
+            loss.backward()
+        frozen = []
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad and parameter.grad is None:
+                parameter.requires_grad_(False)
+                frozen.append(name)
+            parameter.grad = None
+        self.frozen_parameters = frozen
+        return frozen
 
     def compile_models(self, backend: str = "inductor") -> None:
         """`torch.compile` the layers of student and teacher (in place: names and hooks kept)."""
         compile_layers(encoder_layers(self.student), backend)
         compile_layers(encoder_layers(self.teacher.model), backend)
 
-    def student_qkv(self, batch: dict) -> QKV:
-        inputs = _model_inputs(batch, self.student.config)
-        inputs["attention_mask"] = _encoder_mask(self.student, batch["attention_mask"],
-                                                 self._relation_plan)  # fmt: skip
-        if self.relation_site == "last_layer":
-            return forward_qkv(self.student, self.student.config.num_hidden_layers - 1, **inputs)
-        hidden = self.student(**inputs).last_hidden_state  # [B, L, d]
-        return QKV(*self.relation_projection(hidden).chunk(3, dim=-1))
+    def student_gflops(self, seq_len: int = 128) -> float:
+        """Inference GFLOPs of the exported student for one sequence."""
+        return student_gflops(self.student, seq_len)
 
-    def teacher_qkv(self, batch: dict) -> QKV:
-        """Teacher Q/K/V (inference tensors: the relation losses read them, never save them)."""
-        mask = _encoder_mask(self.teacher.model, batch["attention_mask"], self._relation_plan)
-        return self.teacher.qkv(batch["input_ids"], mask, batch.get("token_type_ids"))
+    # --- the training step ---------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        teacher = self.teacher_qkv(batch)
-        student = self.student_qkv(batch)
-        terms = self.loss_terms(teacher, student, batch["attention_mask"])
-        loss = self.combine(terms)
-        self._add_micro_batch(loss, terms)
+        loss, terms = self.step_loss(batch)
+        self.records.add_micro_batch(loss, terms, self._trainer)
         return loss  # a non-finite loss is skipped on the device (`configure_gradient_clipping`)
-
-    def _add_micro_batch(self, loss: torch.Tensor, terms: dict) -> None:
-        """Remember this micro-batch's loss and whether it (on any rank) is not finite."""
-        nonfinite = ~torch.isfinite(loss.detach())
-        if self._world_size > 1:  # an all-reduce, but no host read
-            nonfinite = self.trainer.strategy.reduce(nonfinite.float(), reduce_op="sum") > 0
-        first = self._micro_batches == 0
-        self._step_loss = loss.detach() if first else self._step_loss + loss.detach()
-        self._step_nonfinite = nonfinite if first else self._step_nonfinite | nonfinite
-        self._micro_batches += 1
-        self._last_terms = {name: value.detach() for name, value in terms.items()}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:  # fmt: skip
@@ -136,17 +130,18 @@ class DistillationModule(L.LightningModule):
                 "lmdistill clips by norm: remove the setting"
             )
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        skipped = clip_and_guard(optimizer, gradient_clip_val, self._step_nonfinite, scaler)
-        self.meter.add_step(self._step_loss / self._micro_batches, skipped, self._last_terms)
-        self._micro_batches = 0
+        self.records.end_step(optimizer, gradient_clip_val, scaler)
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.optim, self.trainer.estimated_stepping_batches)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         mask = batch["attention_mask"]  # [B, L] on the host: reading it costs no device sync
         self.meter.add_batch_tokens(int(mask.sum()))
-        self._relation_plan = RelationPlan.of(mask)
+        self.batch_plan = RelationPlan.of(mask)
         return batch
 
-    # --- bookkeeping (host reads once per logging interval) -----------------------------------
+    # --- bookkeeping hooks (host reads once per logging interval) ------------------------------
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
@@ -157,58 +152,34 @@ class DistillationModule(L.LightningModule):
         self.meter.start()
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:  # after the resumed loader drew its own seeds
-            _set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        self.records.restore_rng()
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        if self._micro_batches:  # inside an accumulation window
+        if self.records.micro_batches:  # inside an accumulation window
             return
         if not self.meter.started or self.trainer._logger_connector.should_update_logs:
-            self.log_dict(self._flush(batch["input_ids"].shape[0]))
+            self.log_dict(self.records.flush(self.trainer, batch["input_ids"].shape[0]))
 
     def on_train_end(self) -> None:
         """The last, partial interval: straight to the loggers (Lightning logs no more now)."""
         if self.meter.pending:
-            metrics = self._flush()
+            metrics = self.records.flush(self.trainer)
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=self.global_step - 1)
 
-    def _flush(self, batch_size: int | None = None) -> dict:
-        """Reduce and read the interval's figures (the one host read); stop on diverging losses."""
-        reduce = None
-        if self._world_size > 1:
-            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        interval = self.meter.flush(reduce)
-        metrics = {"train/tokens_seen": float(self.meter.tokens_seen)}
-        if interval.get("loss") is not None:
-            metrics["train/loss"] = interval["loss"]
-            metrics.update({f"train/loss_{k}": v for k, v in interval["terms"].items()})
-        if interval.get("tokens_per_second") is not None:
-            metrics["train/tokens_per_second"] = interval["tokens_per_second"]
-        if batch_size is not None:
-            sequences = batch_size * self._world_size * self.trainer.accumulate_grad_batches
-            metrics["train/global_batch_size"] = float(sequences)
-        if self.meter.nonfinite_steps:
-            metrics["train/nonfinite_steps"] = float(self.meter.nonfinite_steps)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            metrics["train/loss_scale"] = scaler.get_scale()  # ready: the read above waited
-        limit = self.optim.max_nonfinite_steps
-        if interval.get("worst_run", 0) >= limit:
-            raise NonFiniteLossError(
-                f"the loss was not finite for {limit} steps in a row (up to step "
-                f"{self.trainer.global_step}); the last finite state is in checkpoints/last.ckpt: "
-                "lower optim.lr, use trainer.precision=bf16-mixed or 32, or check the data, then "
-                "resume with ckpt_path=last"
-            )
-        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        return metrics
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.meter.pending:
+            self.records.flush(self._trainer)  # exact counts in the checkpoint
+        checkpoint["lmdistill"] = self.records.state_dict(self._world_size)
 
-    def student_gflops(self, seq_len: int = 128) -> float:
-        """Inference GFLOPs of the exported student for one sequence (methods may override)."""
-        c = self.student.config
-        return encoder_gflops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq_len)
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.records.load_state_dict(checkpoint.get("lmdistill", {}), self.trainer.global_rank)
+
+    # --- results -------------------------------------------------------------------------------
+
+    @property
+    def meter(self):
+        return self.records.meter
 
     @property
     def final_loss(self) -> float | None:
@@ -237,107 +208,11 @@ class DistillationModule(L.LightningModule):
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.meter.pending:
-            self._flush()  # exact counts in the checkpoint
-        checkpoint["lmdistill"] = {
-            **self.meter.state_dict(),
-            "world_size": self._world_size,
-            "rng": gather_from_ranks(_rng_states()),  # [rank]: every rank's dropout resumes exactly
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("lmdistill", {})
-        self.meter.load_state_dict(state)
-        # Restored at the first batch: creating the resumed DataLoader iterator draws from the RNG.
-        rng = state.get("rng")
-        if isinstance(rng, dict):  # checkpoints of earlier lmdistill versions: rank 0's only
-            rng = [rng]
-        self._rng_to_restore = rng[self.trainer.global_rank] if rng else None
-
-    # --- optimisation ----------------------------------------------------------------------
-
-    def configure_optimizers(self):
-        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {
-                "params": [p for _, p in trainable if p.ndim >= 2],
-                "weight_decay": self.optim.weight_decay,
-            },
-            {
-                "params": [p for _, p in trainable if p.ndim < 2],
-                "weight_decay": 0.0,
-            },  # biases, LayerNorm
-        ]
-        # fused: one kernel for all parameters (4x foreach on CPU), and it skips an update on
-        # the device (`found_inf`, see grad_guard); Lightning's clipping is replaced by ours
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.optim.lr,
-            betas=tuple(self.optim.betas),
-            eps=self.optim.eps,
-            fused=True,
-        )
-        total = self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise UserError(
-                "the number of training steps is unknown (the corpus is streamed); set trainer.max_steps"
-            )
-        warmup = self.optim.warmup_steps
-        warmup = round(self.optim.warmup_ratio * total) if warmup is None else int(warmup)
-        # resumable under a changed max_steps or optim (resume.allow): see lmdistill.schedule
-        scheduler = LinearWarmupDecay(optimizer, warmup, int(total))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
-
-    def _freeze_unreached_parameters(self) -> list[str]:
-        """Freeze parameters the relation loss cannot reach (found by one tiny backward pass).
-
-        With the last-layer site these are the last layer's attention output, FFN and the pooler:
-        they stay out of the optimizer and DDP (no `find_unused_parameters`) and are trained only
-        at fine-tuning.
-        """
-        batch = {
-            "input_ids": torch.zeros(1, 4, dtype=torch.long),
-            "attention_mask": torch.ones(1, 4, dtype=torch.long),
-            "token_type_ids": torch.zeros(1, 4, dtype=torch.long),
-        }
-        with torch.enable_grad():
-            sum(x.float().sum() for x in self.student_qkv(batch)).backward()
-        frozen = []
-        for name, parameter in self.named_parameters():
-            if parameter.grad is None:
-                parameter.requires_grad_(False)
-                frozen.append(name)
-            parameter.grad = None
-        return frozen
-
-
-class NonFiniteLossError(UserError):
-    """Too many consecutive steps had a non-finite loss; the run stops with a checkpoint."""
-
-
-def _rng_states() -> dict:
-    """torch (CPU, CUDA) and Python RNG states; plain tensors and ints, so `weights_only` loads them."""
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
 
 _SDPA_MASK_MODELS = ("bert", "roberta", "xlm-roberta")
 
 
-def _encoder_mask(model, mask: torch.Tensor, plan: RelationPlan | None) -> torch.Tensor | None:
+def encoder_mask(model, mask: torch.Tensor, plan: RelationPlan | None) -> torch.Tensor | None:
     """The attention mask for a Hugging Face encoder, chosen so that it reads nothing on the host.
 
     Given a 2-D mask, transformers checks `mask.all()` (a device sync) to skip the mask. The
@@ -353,8 +228,13 @@ def _encoder_mask(model, mask: torch.Tensor, plan: RelationPlan | None) -> torch
     return mask
 
 
-def _model_inputs(batch: dict, config) -> dict:
+def model_inputs(batch: dict, config) -> dict:
+    """input_ids, attention_mask and (where the model has segment embeddings) token_type_ids."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if getattr(config, "type_vocab_size", 0) > 1 and "token_type_ids" in batch:
         inputs["token_type_ids"] = batch["token_type_ids"]
     return inputs
+
+
+_model_inputs = model_inputs  # the name benchmarks/ import
+__all__ = ["DistillationMethod", "NonFiniteLossError", "encoder_mask", "model_inputs"]

@@ -1,0 +1,86 @@
+"""Shared pieces of the relation methods (MiniLM v1, v2, MiniMoE): the student's relation site,
+setting checks and the Q-Q, K-K, V-V relation terms (docs/methods.md sections 1-3)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lmdistill.errors import UserError
+from lmdistill.losses import RelationPlan, relation_kl
+from lmdistill.models.capture import QKV, forward_qkv
+
+RELATION_SITES = ("last_layer", "top_projection")
+REDUCTIONS = ("rows", "per_sequence")
+
+
+def check_relation_site(site: str | None, default: str) -> str:
+    """`student.relation_site`, or the method's `default` where it is null."""
+    site = default if site is None else site
+    if site not in RELATION_SITES:
+        raise UserError(
+            f"unknown student.relation_site '{site}'; use one of {', '.join(RELATION_SITES)}"
+        )
+    return site
+
+
+def top_projection(student) -> nn.Linear:
+    """The `top_projection` site: Q/K/V `Linear(d, 3d)` on the final hidden states (not exported)."""
+    d = student.config.hidden_size
+    return nn.Linear(d, 3 * d)
+
+
+def student_qkv(student, projection: nn.Linear | None, inputs: dict) -> QKV:
+    """Q/K/V [B, L, d] of the student at its relation site: the last layer's projections
+    (`projection` None; the layers above are never computed) or the top projection."""
+    if projection is None:
+        return forward_qkv(student, student.config.num_hidden_layers - 1, **inputs)
+    hidden = student(**inputs).last_hidden_state  # [B, L, d]
+    return QKV(*projection(hidden).chunk(3, dim=-1))
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise UserError(
+            f"unknown method.reduction '{reduction}'; use one of {', '.join(REDUCTIONS)}"
+        )
+    return reduction
+
+
+def check_relation_heads(relation_heads: int, teacher, student) -> int:
+    """R must divide both hidden sizes (docs/methods.md section 2)."""
+    for who, size in (("teacher", teacher.hidden_size), ("student", student.config.hidden_size)):
+        if relation_heads < 1 or size % relation_heads:
+            raise UserError(
+                f"method.relation_heads={relation_heads} does not divide the {who} hidden size "
+                f"{size}; choose relation heads that divide both hidden sizes"
+            )
+    return int(relation_heads)
+
+
+def check_relation_weights(relation_weights: dict | None) -> dict:
+    """{qq, kk, vv} weights with a positive sum (missing ones default to 1)."""
+    weights = {"qq": 1.0, "kk": 1.0, "vv": 1.0, **(relation_weights or {})}
+    if set(weights) != {"qq", "kk", "vv"} or sum(weights.values()) <= 0:
+        raise UserError(
+            f"method.relation_weights={dict(weights)} must give qq, kk, vv with a "
+            "positive sum; e.g. {qq: 1, kk: 1, vv: 1}"
+        )
+    return weights
+
+
+def self_relation_terms(teacher: QKV, student: QKV, attention_mask, heads: int, weights: dict,
+                        reduction: str, plan: RelationPlan | None = None) -> dict:  # fmt: skip
+    """MiniLM v2's Q-Q, K-K, V-V relation KLs (terms with weight 0 are skipped)."""
+    pairs = {"qq": (teacher.query, student.query), "kk": (teacher.key, student.key),
+             "vv": (teacher.value, student.value)}  # fmt: skip
+    return {
+        name: relation_kl((t, t), (s, s), attention_mask, heads, reduction, plan)
+        for name, (t, s) in pairs.items()
+        if weights[name]
+    }
+
+
+def weighted_relation(terms: dict, weights: dict):
+    """(w_qq KL_QQ + w_kk KL_KK + w_vv KL_VV) / (w_qq + w_kk + w_vv)."""
+    total = sum(weights.values())
+    return sum(weights[n] * terms[n] for n in ("qq", "kk", "vv") if n in terms) / total
