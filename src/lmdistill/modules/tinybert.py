@@ -14,26 +14,20 @@ import torch
 from torch import nn
 
 from lmdistill.errors import UserError
+from lmdistill.losses import hidden_mse
 from lmdistill.models.features import FeatureRequest, forward_features
 from lmdistill.models.student import layer_mapping as uniform_mapping
 from lmdistill.modules.base import DistillationMethod
 
 
-def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the real tokens ([B, L] mask) of [B, L, d] states, in float32."""
-    with torch.autocast(student.device.type, enabled=False):
-        real = mask.to(torch.bool)  # [B, L]
-        diff = student.float()[real] - teacher.float()[real]  # [N, d]
-        return diff.pow(2).mean()
-
-
 def score_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of [B, A, L, L] attention scores over pairs (real query, real key)."""
+    """Mean squared error of [B, A, L, L] attention scores over the pairs (real query, real key),
+    in float32; masked by multiplication (no host read)."""
     with torch.autocast(student.device.type, enabled=False):
-        real = mask.to(torch.bool)
-        pairs = (real[:, :, None] & real[:, None, :])[:, None].expand_as(student)  # [B, A, L, L]
-        diff = student.float()[pairs] - teacher.float()[pairs]
-        return diff.pow(2).mean()
+        real = (mask != 0).to(torch.float32)  # [B, L]
+        pairs = (real[:, :, None] * real[:, None, :])[:, None]  # [B, 1, L, L]
+        err = (student.float() - teacher.detach().float()).square() * pairs
+        return err.sum() / (pairs.sum() * student.shape[1]).clamp_min(1.0)
 
 
 def check_mapping(mapping: list[int] | None, student_layers: int, teacher_layers: int) -> list[int]:
