@@ -1,7 +1,7 @@
 """Distillation losses: self-attention relation KL (MiniLM v1/v2) and hidden-state MSE (TinyBERT).
 
 `relation_kl` is public API (DESIGN.md, "Contracts"): researchers call it in their own loops.
-The math is METHODS.md section 2; the fast implementation lives in `lmdistill._relation_kernel`
+The math is docs/methods.md section 2; the fast implementation lives in `lmdistill._relation_kernel`
 and is checked against an independent plain-autograd reference in `tests/test_losses.py`.
 
 Numerics: everything is computed in float32, also under bf16/fp16 autocast (inputs are cast up
@@ -82,7 +82,7 @@ def relation_scores(
 ) -> torch.Tensor:
     """Masked relation scores, [B, R, L, L] float32: left_h right_h^T / sqrt(r) + key_mask.
 
-    The plain formula of METHODS.md section 2 (all of it materialised; for analysis and checks).
+    The plain formula of docs/methods.md section 2 (all of it materialised; for analysis and checks).
     left, right: [B, L, d]; attention_mask: [B, L] (1 real, 0 pad); num_heads R divides d.
     """
     left, right = _check_pair("left/right", (left, right))

@@ -177,7 +177,7 @@ def test_resume_while_filling_the_cache(tmp_path, tokenizer_path, hub_dir, small
 
 
 def test_hub_records_are_whole_documents(tmp_path, tokenizer_path, tokenizer):
-    """A hub article's paragraphs are one document: pairs span them (METHODS.md section 9)."""
+    """A hub article's paragraphs are one document: pairs span them (docs/methods.md section 9)."""
     (tmp_path / "wiki").mkdir()
     articles = [
         f"Doc{i}x opens the first paragraph.\n\nDoc{i}y opens the second." for i in range(6)

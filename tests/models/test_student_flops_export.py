@@ -81,7 +81,7 @@ def test_init_from_teacher_copies_uniform_layers(tiny_teacher_dir, teacher_confi
     [(12, 768, 3072, 22.3), (24, 1024, 4096, 78.9), (3, 384, 1536, 1.43), (6, 384, 1536, 2.87)],
 )
 def test_gflops_match_the_papers(layers, hidden, ffn, expected):
-    # METHODS.md section 12: BERT-base 22.3 G, BERT-large 78.9 G, 3x384 1.43 G, 6x384 2.87 G
+    # docs/methods.md section 12: BERT-base 22.3 G, BERT-large 78.9 G, 3x384 1.43 G, 6x384 2.87 G
     assert encoder_gflops(layers, hidden, ffn, 128) == pytest.approx(expected, abs=0.06)
 
 

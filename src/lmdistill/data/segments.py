@@ -1,4 +1,4 @@
-"""Sentences of one document (token ids) to segment pairs (METHODS.md section 9).
+"""Sentences of one document (token ids) to segment pairs (docs/methods.md section 9).
 
 * Target length: `max_tokens` (= max_seq_length minus the template's special tokens), or with
   probability `short_seq_prob` uniform in [2, max_tokens]; drawn afresh for every chunk.

@@ -11,7 +11,7 @@ Document formats:
 * `blank_line`: documents separated by blank lines in text files (read with
   `sample_by="paragraph"`; records are re-split at blank lines made of spaces or `\\r`, which the
   `datasets` paragraph reader does not treat as breaks). Records of jsonl/parquet/hub datasets
-  are one document each (METHODS.md section 9): a Wikipedia article's blank lines end
+  are one document each (docs/methods.md section 9): a Wikipedia article's blank lines end
   paragraphs, hence sentences, never the document, so pairs may span paragraphs.
 * `line`: one document per line (text files) or per record (jsonl/parquet/hub).
 * `wikitext`: WikiText lines; a new document at each top-level ` = Title = ` heading. Heading

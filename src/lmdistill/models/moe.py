@@ -1,4 +1,4 @@
-"""MiniMoE students (METHODS.md section 5): public names and Auto* registration.
+"""MiniMoE students (docs/methods.md section 5): public names and Auto* registration.
 
 `import lmdistill` registers the `lmdistill-minimoe` model type with `AutoConfig`, `AutoModel`
 and `AutoModelForSequenceClassification`, so exported students load without

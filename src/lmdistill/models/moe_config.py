@@ -17,7 +17,7 @@ _BERT_FIELDS = (
 
 
 class MiniMoEConfig(BertConfig):
-    """BertConfig plus the expert counts (METHODS.md section 5).
+    """BertConfig plus the expert counts (docs/methods.md section 5).
 
     Each expert has exactly the size of the dense sublayer (attention: `num_attention_heads`
     heads; FFN: `intermediate_size`); a count of 1 means the plain dense BERT sublayer.

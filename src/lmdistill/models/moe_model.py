@@ -70,7 +70,7 @@ class MiniMoEPreTrainedModel(PreTrainedModel):
         pairs: (weight view, bias view or None, axis) with axis the carved axis of one expert's
         [in, out] matrix; `elements` units of `width` columns/rows each (FFN neurons: width 1;
         attention heads: width a). carve: one widened BERT-init matrix with E*elements units, and
-        expert e takes the units `carve_indices(elements, E)[e]` (METHODS.md section 5).
+        expert e takes the units `carve_indices(elements, E)[e]` (docs/methods.md section 5).
         """
         std = self.config.initializer_range
         num_experts = out_bias.shape[0]

@@ -1,4 +1,4 @@
-"""Configuration of once-for-all super-nets and the shape of their sub-networks (METHODS.md section 7).
+"""Configuration of once-for-all super-nets and the shape of their sub-networks (docs/methods.md section 7).
 
 A super-net is a BERT encoder (d hidden, A heads of a = d / A dims, FFN width I) whose
 sub-network (l, h) is: the first l layers; in each, the leading h / a heads, the leading

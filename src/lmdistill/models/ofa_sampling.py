@@ -1,4 +1,4 @@
-"""Which sub-networks of a once-for-all family train at each step (METHODS.md section 7).
+"""Which sub-networks of a once-for-all family train at each step (docs/methods.md section 7).
 
 `sandwich` (default): the largest and the smallest sub-network plus `random_subnets` distinct
 others drawn at random; `all`: every sub-network of `layers` x `hidden` (the original code's only

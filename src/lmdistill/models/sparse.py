@@ -1,4 +1,4 @@
-"""Sparse students (METHODS.md section 6): public names and Auto* registration.
+"""Sparse students (docs/methods.md section 6): public names and Auto* registration.
 
 `import lmdistill` registers the `lmdistill-sparse` model type with `AutoConfig`, `AutoModel`,
 `AutoModelForSequenceClassification` and `AutoModelForMaskedLM`, so sliced students load without

@@ -6,7 +6,7 @@ from transformers import BertConfig
 
 
 class SparseBertConfig(BertConfig):
-    """BertConfig plus the per-layer shape left by structured pruning (METHODS.md section 6).
+    """BertConfig plus the per-layer shape left by structured pruning (docs/methods.md section 6).
 
     `hidden_size` is the kept hidden size d' (shared by embeddings and every layer); layer i has
     `layer_heads[i]` heads of `head_size` dims each and `layer_intermediate[i]` FFN neurons; a

@@ -2,7 +2,7 @@
 `...ForMaskedLM`.
 
 A BERT encoder whose layers keep their own number of attention heads and FFN neurons (what
-structured pruning leaves, METHODS.md section 6), on a reduced hidden size d' shared by the
+structured pruning leaves, docs/methods.md section 6), on a reduced hidden size d' shared by the
 embeddings and every layer. A layer with no heads skips its attention sublayer; one with no
 neurons skips its FFN. Module and parameter names are BERT's (`encoder.layer.3.attention.self
 .query`, ...), so a reordered BERT slices into it key by key (`lmdistill.sparse.slicing`).

@@ -1,6 +1,6 @@
 """The optimizer of every method: AdamW, weight decay by parameter role, linear warmup/decay.
 
-Weight decay (docs/methods.md section 7) reaches exactly the weight matrices: `nn.Linear` and
+Weight decay (docs/methods.md section 10) reaches exactly the weight matrices: `nn.Linear` and
 `nn.Embedding` weights and the stacked expert matrices of MiniMoE sublayers (`*_weight`). Biases
 (`bias`, stacked `*_bias`) and LayerNorm parameters are not decayed, whatever their shape.
 Embeddings are decayed, as in the BERT and MiniLM recipes, whose only exclusions are biases and

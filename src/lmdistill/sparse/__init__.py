@@ -1,4 +1,4 @@
-"""Structured sparsification (METHODS.md section 6): masks, importance, schedule, reordering,
+"""Structured sparsification (docs/methods.md section 6): masks, importance, schedule, reordering,
 slicing. The entry point is `lmdistill.sparsify`; sparse students are `lmdistill.models.sparse`."""
 
 from lmdistill.sparse.importance import ImportanceSums, accumulate, importance_order, normalize

@@ -1,4 +1,4 @@
-"""First-order Taylor importance of heads, FFN neurons and hidden dims (METHODS.md section 6).
+"""First-order Taylor importance of heads, FFN neurons and hidden dims (docs/methods.md section 6).
 
 For every batch: masks at 1 (`lmdistill.sparse.masking`), a loss, one backward pass into the
 masks only (the model's weights need no gradient), and |d loss / d mask| added to running sums.

@@ -1,6 +1,6 @@
 """Structured masks on an unmodified Hugging Face BERT-family model (forward hooks).
 
-Three masks, as in METHODS.md section 6:
+Three masks, as in docs/methods.md section 6:
 
 * head   [layers, A]: multiplies each head's context before the attention output projection;
 * neuron [layers, I]: multiplies each FFN neuron after the activation;

@@ -1,6 +1,6 @@
 """The sparsity schedule: how many heads, neurons and hidden dims a target sparsity keeps.
 
-For a target sparsity s% (METHODS.md section 6), q = 100 - round(100 sqrt(1 - s/100)) is the
+For a target sparsity s% (docs/methods.md section 6), q = 100 - round(100 sqrt(1 - s/100)) is the
 percentage pruned along each axis (pruning q% of the width along both axes of a weight matrix
 removes about s% of its parameters): round(q% of all heads) and round(q% of all FFN neurons),
 ranked globally by normalised importance (least important first), and round(q% of d) hidden
