@@ -41,3 +41,26 @@ def test_steady_state_steps_read_nothing_and_each_interval_reads_once(method, ti
     assert reads[1:] == [0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0], counter.callers
     assert module.tokens_seen == int(sum(r["attention_mask"].sum() for r in _rows(12)))
     assert module.final_loss is not None and module.loss_first is not None
+
+
+def test_minimoe_steady_state_steps_read_nothing(tiny_teacher_dir, tmp_path):
+    """Routing, dispatch and balance loss of a MiniMoE student (2x4 experts) stay on the device;
+    only logging steps read (the interval's counters and the per-layer routing figures)."""
+    from lmdistill.models import MoESettings, moe_student
+    from lmdistill.modules import MiniMoE
+
+    teacher = load_teacher(tiny_teacher_dir)
+    dense = build_student(teacher.config, num_hidden_layers=2, hidden_size=32,
+                          num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    moe = MoESettings(attention_experts=2, ffn_experts=4)
+    module = MiniMoE(teacher, moe_student(dense, moe), moe.balance_weight, relation_heads=4)
+    module.freeze_unreached()
+    counter = HostReadCounter(where=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=12, log_every_n_steps=5, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False,
+                        gradient_clip_val=5.0, callbacks=[counter], default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DataLoader(_rows(12), batch_size=4))
+    reads = counter.per_step
+    logging = {4, 9}  # global steps 5 and 10
+    assert [r for i, r in enumerate(reads) if i and i not in logging] == [0] * 9, counter.callers
+    assert all(reads[i] >= 1 for i in logging)
