@@ -66,6 +66,14 @@ def test_subnet_equals_sliced_dense_bert(dense_bert, supernet, batch, layers, hi
         assert_close(x, y, **TOL)
 
 
+def test_boolean_key_mask_is_taken_as_it_is(supernet, batch):
+    key_mask = (batch["attention_mask"] != 0)[:, None, None, :]  # [B, 1, 1, L], no host read
+    with supernet.subnet(2, 32):
+        expected = supernet(**batch).last_hidden_state
+        got = supernet(**{**batch, "attention_mask": key_mask}).last_hidden_state
+    assert_close(got, expected, **TOL)
+
+
 def test_dropped_layers_are_not_applied(supernet, batch):
     with supernet.subnet(3, 48):
         expected = supernet(**batch).last_hidden_state

@@ -120,9 +120,12 @@ class OFABertModel(OFABertPreTrainedModel):
             token_type_ids=token_type_ids,
             inputs_embeds=inputs_embeds,
         )  # [B, L, h]
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )  # [B, 1, L, L] or None (no padding)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask  # [B, 1, 1, L] boolean key mask: SDPA takes it as it is
+        else:
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+            )  # [B, 1, L, L] or None (no padding; found with a host read)
         for layer in self.encoder.layer[: self.active.layers]:  # layers beyond l: not applied
             hidden = layer(hidden, mask)
         pooled = self.pooler(hidden) if self.pooler is not None else None  # [B, h]
