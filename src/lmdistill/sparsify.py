@@ -18,8 +18,6 @@ important first (`lmdistill.sparse.reorder`) and writes, into the output directo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import warnings
@@ -42,6 +40,7 @@ from lmdistill.models.sparse import sparse_gflops, sparse_params
 from lmdistill.models.teacher import _load_config, quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.runs import remember_job, write_job_record
+from lmdistill.sparse.cache import REORDERED_DIR, SCORES_FILE, publish, sparsify_key
 from lmdistill.sparse.importance import (
     LOSSES,
     ImportanceSums,
@@ -59,9 +58,7 @@ register_resolvers()
 # Deprecation notice raised inside torchdata itself; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 
-SCORES_FILE = "importance.safetensors"
 PARTIAL_FILE = "importance.partial.pt"
-REORDERED_DIR = "reordered"
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:
@@ -137,15 +134,13 @@ def load_model(name_or_path: str, loss: str, revision=None, trust_remote_code=Fa
 
 
 def fingerprint(cfg: DictConfig, loss: str) -> str:
-    """What the partial sums depend on: a resumed run must match it."""
-    parts = {
-        "teacher": cfg.teacher.name_or_path, "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "seed": cfg.seed, "num_batches": cfg.num_batches, "loss": loss,
-        "relation_heads": cfg.relation_heads if loss == "relation" else None,
-    }  # fmt: skip
-    for irrelevant in ("num_workers", "cache_dir"):  # where and how fast, not which batches
-        parts["data"].pop(irrelevant, None)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What the scores depend on (`sparse.cache.sparsify_key`): a resumed run must match it, and
+    it names the run's entry in the cache of sparsified teachers."""
+    return sparsify_key(
+        cfg.teacher.name_or_path, cfg.teacher.get("revision"),
+        OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, cfg.num_batches, loss,
+        cfg.relation_heads,
+    )  # fmt: skip
 
 
 def save_partial(path: Path, key: str, sums: ImportanceSums, loader) -> None:
@@ -240,15 +235,15 @@ def load_scores(sparsified_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def sparse_student(sparsified_dir: str | Path, sparsity: float) -> PreTrainedModel:
-    """The student at `sparsity` sliced from a finished `lmdistill-sparsify` run."""
+def sparse_student(
+    sparsified_dir: str | Path, sparsity: float, encoder_only: bool = False
+) -> PreTrainedModel:
+    """The student at `sparsity` sliced from a finished `lmdistill-sparsify` run: with the MLM
+    head where the teacher has one, unless `encoder_only` (then the encoder and its pooler)."""
     scores = load_scores(sparsified_dir)
     reordered = Path(sparsified_dir).expanduser() / REORDERED_DIR
-    auto = (
-        AutoModelForMaskedLM
-        if has_mlm_head(_load_config(str(reordered), None, False))
-        else AutoModel
-    )
+    mlm = has_mlm_head(_load_config(str(reordered), None, False)) and not encoder_only
+    auto = AutoModelForMaskedLM if mlm else AutoModel
     with quiet_transformers():
         model = auto.from_pretrained(str(reordered), attn_implementation="sdpa").eval()
     plan = plan_sparsity(
@@ -257,8 +252,9 @@ def sparse_student(sparsified_dir: str | Path, sparsity: float) -> PreTrainedMod
     return slice_model(model, plan)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Score, reorder, export; returns the summary."""
+def run(cfg: DictConfig, record_job: bool = True) -> dict:
+    """Score, reorder, export; returns the summary. `record_job`: write the Hydra job's record
+    (false where another entry point's job runs this, e.g. a cache fill by method=sparse_minilm)."""
     check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if (out_dir / REORDERED_DIR).exists() or (out_dir / SCORES_FILE).exists():
@@ -270,7 +266,8 @@ def run(cfg: DictConfig) -> dict:
         cfg.teacher.name_or_path, str(cfg.loss), cfg.teacher.revision, cfg.teacher.trust_remote_code
     )
     model.to(device)
-    write_job_record()  # .hydra/ (or .hydra/resume-<n>/), once the checks passed
+    if record_job:
+        write_job_record()  # .hydra/ (or .hydra/resume-<n>/), once the checks passed
     started = time.perf_counter()
     sums = score(cfg, model, loss, out_dir, device)
     model.cpu()
@@ -321,6 +318,8 @@ def run(cfg: DictConfig) -> dict:
         },
         "plans": plans,
     }
+    if cfg.get("cache_dir"):  # method=sparse_minilm finds the run there
+        summary["cache_entry"] = str(publish(cfg.cache_dir, fingerprint(cfg, loss), out_dir))
     write_json_atomic(out_dir / "summary.json", summary)
     (out_dir / PARTIAL_FILE).unlink(missing_ok=True)
     log.info(
