@@ -30,7 +30,7 @@ from lmdistill.glue.classifier import GlueClassifier, load_classifier
 from lmdistill.glue.datamodule import GlueDataModule
 from lmdistill.hardware import resolve_precision
 from lmdistill.io import write_json_atomic
-from lmdistill.models.flops import encoder_gflops
+from lmdistill.models.describe import student_gflops
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.tracking import finish_wandb
@@ -62,12 +62,7 @@ def model_shape(model) -> dict:
     }
     shape["params"] = sum(p.numel() for p in model.base_model.parameters())
     if None not in shape.values():
-        shape["gflops"] = round(
-            encoder_gflops(
-                shape["num_hidden_layers"], shape["hidden_size"], shape["intermediate_size"], 128
-            ),
-            4,
-        )
+        shape["gflops"] = round(student_gflops(model, 128), 4)  # MiniMoE and sparse included
     return shape
 
 

@@ -50,3 +50,23 @@ def test_mlm_round_trip_keeps_the_head_tied(tmp_path, batch, tiny_teacher_dir):
     assert type(loaded) is SparseBertForMaskedLM
     assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
     torch.testing.assert_close(loaded(**batch).logits, student(**batch).logits, atol=0, rtol=0)
+
+
+def test_summaries_count_each_layers_own_width():
+    """summary.json and results.json: FLOPs of the layers as sliced, not of the widest layer."""
+    from lmdistill.finetune import model_shape
+    from lmdistill.models.describe import describe_student
+    from lmdistill.models.flops import encoder_gflops
+
+    student = slice_model(tiny_bert(), PLAN)
+    c = student.config
+    # by hand (2 per multiply-add), 128 tokens: layer 0 has no heads and 20 neurons, layer 1
+    # 3 heads of size a and no FFN; d = 16
+    d, a, n = 16, c.head_size, 128
+    per_token = (2 * d * 20) + (4 * d * 3 * a + 2 * n * 3 * a)
+    expected = 2.0 * n * per_token / 1e9
+    described = describe_student(student)["gflops"]
+    assert abs(described - expected) < 1e-12
+    assert described < encoder_gflops(2, d, c.intermediate_size, 128)  # not the widest layers
+    classifier = SparseBertForSequenceClassification(c)
+    assert model_shape(classifier)["gflops"] == round(expected, 4)

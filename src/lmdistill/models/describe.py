@@ -6,6 +6,8 @@ from torch import nn
 
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.moe import MiniMoEConfig, minimoe_gflops
+from lmdistill.models.sparse_config import SparseBertConfig
+from lmdistill.models.sparse_model import sparse_gflops
 
 
 def experts_of(model: nn.Module) -> tuple[int, int]:
@@ -17,10 +19,13 @@ def experts_of(model: nn.Module) -> tuple[int, int]:
 
 
 def student_gflops(model: nn.Module, seq_len: int = 128) -> float:
-    """Inference GFLOPs for one sequence: one expert per sublayer per token plus the routers."""
+    """Inference GFLOPs for one sequence (MiniMoE: one expert per sublayer per token plus the
+    routers; sparse students: each layer's own heads and FFN width)."""
     c = model.config
     if isinstance(c, MiniMoEConfig):
         return minimoe_gflops(c, seq_len)
+    if isinstance(c, SparseBertConfig):
+        return sparse_gflops(c, seq_len)
     return encoder_gflops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq_len)
 
 

@@ -209,7 +209,14 @@ class DistillationMethod(L.LightningModule):
         return self._trainer.world_size if self._trainer is not None else 1
 
 
-_SDPA_MASK_MODELS = ("bert", "roberta", "xlm-roberta", "lmdistill-minimoe")
+_SDPA_MASK_MODELS = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "lmdistill-minimoe",
+    "lmdistill-sparse",
+    "lmdistill-ofa",
+)
 
 
 def encoder_mask(model, mask: torch.Tensor, plan: RelationPlan | None) -> torch.Tensor | None:
@@ -218,7 +225,8 @@ def encoder_mask(model, mask: torch.Tensor, plan: RelationPlan | None) -> torch.
     Given a 2-D mask, transformers checks `mask.all()` (a device sync) to skip the mask. The
     host-side plan of the batch answers that instead: no padding gives None (SDPA may then use
     its flash kernel); with padding, BERT-family SDPA attention takes the [B, 1, 1, L] boolean
-    mask as it is (and so does the MiniMoE student). Other models get the 2-D mask.
+    mask as it is (and so do the MiniMoE, sparse and once-for-all students). Other models get
+    the 2-D mask.
     """
     if plan is not None and min(plan.counts) == mask.shape[1]:
         return None
