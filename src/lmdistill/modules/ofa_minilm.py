@@ -1,0 +1,143 @@
+"""Once-for-all MiniLM (docs/methods.md section 7): one weight-shared super-net, many students.
+
+The student (its shape: the largest sub-network) becomes an `OFABertModel` whose family is
+`ofa.layers` x `ofa.hidden`. A step: one teacher forward; for each sub-network the sampler
+picks (sandwich: largest, smallest, `ofa.random_subnets` random ones; all: the whole family,
+drawn from (seed, global step) only, so resumes are exact and every rank trains the same ones)
+the MiniLM v2 relation loss of its relation site; the step's loss is their mean. The export
+(student/) is the super-net; `lmdistill-export-subnet RUN_DIR l h` carves dense students.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from lmdistill.errors import UserError
+from lmdistill.models.capture import QKV, forward_qkv
+from lmdistill.models.features import FeatureRequest
+from lmdistill.models.ofa_config import ofa_config
+from lmdistill.models.ofa_export import subnet_table
+from lmdistill.models.ofa_model import OFABertModel
+from lmdistill.models.ofa_sampling import SubnetSampler
+from lmdistill.modules.base import DistillationMethod, model_inputs
+from lmdistill.modules.relations import (
+    check_reduction,
+    check_relation_site,
+    check_relation_weights,
+    self_relation_terms,
+    top_projection,
+    weighted_relation,
+)
+
+
+def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
+    """The student as a super-net of family `layers` x `hidden` (a dense BERT's weights kept)."""
+    if isinstance(student, OFABertModel):
+        student.config = ofa_config(student.config, layers, hidden)
+        return student
+    if getattr(student.config, "model_type", None) != "bert":
+        raise UserError(
+            f"method=ofa_minilm trains BERT super-nets but the student is a "
+            f"{student.config.model_type!r} model; use a BERT teacher and moe=1x1"
+        )
+    return OFABertModel.from_dense(student, layers, hidden)
+
+
+class OFAMiniLM(DistillationMethod):
+    """MiniLM v2 relations averaged over the sampled sub-networks of a weight-shared super-net."""
+
+    def __init__(
+        self,
+        teacher,
+        student,
+        ofa: dict | None = None,
+        relation_heads: int = 32,
+        relation_weights: dict | None = None,
+        reduction: str = "rows",
+        relation_site: str | None = None,
+        seed: int = 0,
+        optim: dict | None = None,
+    ):
+        ofa = {"layers": None, "hidden": None, "sampling": "sandwich", "random_subnets": 2,
+               **(ofa or {})}  # fmt: skip
+        c = student.config
+        layers = list(ofa["layers"] or [c.num_hidden_layers])
+        hidden = list(ofa["hidden"] or [c.hidden_size])
+        student = as_supernet(student, layers, hidden)
+        for who, size in [("teacher", teacher.hidden_size)] + [("sub-network", h) for h in hidden]:
+            if relation_heads < 1 or size % relation_heads:
+                raise UserError(
+                    f"method.relation_heads={relation_heads} does not divide the {who} hidden "
+                    f"size {size}; choose relation heads that divide it and every ofa.hidden"
+                )
+        super().__init__(teacher, student, optim)
+        self.sampler = SubnetSampler(
+            student.config.ofa_layers, student.config.ofa_hidden, ofa["sampling"],
+            ofa["random_subnets"], seed,
+        )  # fmt: skip
+        self.relation_heads = int(relation_heads)
+        self.relation_weights = check_relation_weights(relation_weights)
+        self.reduction = check_reduction(reduction)
+        self.relation_site = check_relation_site(relation_site, "top_projection")
+        top = self.relation_site == "top_projection"
+        self.relation_projection = top_projection(student) if top else None  # Linear(d, 3d)
+
+    def teacher_request(self) -> FeatureRequest:
+        return FeatureRequest(qkv_layer=self.teacher.layer)
+
+    def student_inputs(self, batch: dict) -> dict:
+        """The student's inputs with a [B, 1, 1, L] boolean key mask (no host read), or none
+        where the host-side plan shows no padding."""
+        inputs = model_inputs(batch, self.student.config)
+        mask, plan = batch["attention_mask"], self.batch_plan
+        no_padding = plan is not None and min(plan.counts) == mask.shape[1]
+        inputs["attention_mask"] = None if no_padding else (mask != 0)[:, None, None, :]
+        return inputs
+
+    def subnet_qkv(self, layers: int, hidden: int, inputs: dict) -> QKV:
+        """Q/K/V [B, L, h] of the active sub-network at the relation site: its last layer's
+        projections, or the top projection's leading [h, h] blocks on its final hidden states."""
+        if self.relation_projection is None:
+            return forward_qkv(self.student, layers - 1, **inputs)
+        states = self.student(**inputs).last_hidden_state  # [B, L, h]
+        d, h = self.student.config.hidden_size, hidden
+        weight = self.relation_projection.weight.view(3, d, d)[:, :h, :h].reshape(3 * h, h)
+        bias = self.relation_projection.bias.view(3, d)[:, :h].reshape(3 * h)
+        return QKV(*F.linear(states, weight, bias).chunk(3, dim=-1))
+
+    def step_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        teacher = self.teacher_features(batch).qkv
+        inputs = self.student_inputs(batch)
+        subnets = self.sampler(self.global_step)  # the same for every micro-batch of a step
+        losses = []
+        try:
+            for layers, hidden in subnets:
+                self.student.set_subnet(layers, hidden)
+                student = self.subnet_qkv(layers, hidden, inputs)
+                terms = self_relation_terms(teacher, student, batch["attention_mask"],
+                                            self.relation_heads, self.relation_weights,
+                                            self.reduction, self.batch_plan)  # fmt: skip
+                losses.append(weighted_relation(terms, self.relation_weights))
+        finally:
+            full = self.sampler.family[0]
+            self.student.set_subnet(*full)
+        smallest = subnets.index(self.sampler.ends[-1])
+        terms = {"loss_largest": losses[0], "loss_smallest": losses[smallest]}
+        return torch.stack(losses).mean(), terms
+
+    def summary_fields(self) -> dict:
+        s = self.sampler
+        return {
+            "relation_heads": self.relation_heads,
+            "relation_site": self.relation_site,
+            "reduction": self.reduction,
+            "ofa": {
+                "layers": list(s.layers),
+                "hidden": list(s.hidden),
+                "sampling": s.sampling,
+                "random_subnets": s.random_subnets,
+                "subnets_per_step": s.per_step,
+                "subnets": subnet_table(self.student.config),
+            },
+        }

@@ -1,0 +1,127 @@
+"""method=ofa_minilm: the step's loss is the mean MiniLM v2 loss of the sampled sub-networks,
+each equal to that of the carved dense student; what it freezes; a CLI run and its export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lmdistill.errors import UserError
+from lmdistill.models import build_student, load_teacher
+from lmdistill.models.ofa_export import dense_subnet
+from lmdistill.modules.ofa_minilm import OFAMiniLM
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+FAMILY = {"layers": [2, 1], "hidden": [32, 16]}
+
+
+@pytest.fixture
+def teacher(tiny_teacher_dir):
+    return load_teacher(tiny_teacher_dir)
+
+
+def _method(teacher, relation_heads: int = 4, **kwargs) -> OFAMiniLM:
+    torch.manual_seed(0)
+    student = build_student(teacher.config, num_hidden_layers=2, hidden_size=32,
+                            num_attention_heads=4, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)  # fmt: skip
+    return OFAMiniLM(teacher, student, relation_heads=relation_heads, **kwargs)
+
+
+def _kl(t, s, mask, heads):
+    """Token-weighted mean over valid rows of KL(softmax(T T^T) || softmax(S S^T)), plain autograd."""
+
+    def log_probs(x):
+        b, n, d = x.shape
+        r = d // heads
+        xh = x.float().view(b, n, heads, r).transpose(1, 2)
+        scores = (xh @ xh.transpose(-1, -2) / r**0.5).masked_fill(
+            mask[:, None, None, :] == 0, float("-inf")
+        )
+        return torch.log_softmax(scores, -1)
+
+    lt, ls = log_probs(t), log_probs(s)
+    kl = (lt.exp() * (lt - ls)).nan_to_num().sum(-1)  # [B, R, L]
+    return kl[mask[:, None, :].expand_as(kl).bool()].mean()
+
+
+def _hooked(model, layer, batch):
+    attention = model.encoder.layer[layer].attention.self
+    out, handles = {}, []
+    for name in ("query", "key", "value"):
+        handles.append(getattr(attention, name).register_forward_hook(
+            lambda _m, _i, o, name=name: out.setdefault(name, o)))  # fmt: skip
+    model(**batch)
+    for h in handles:
+        h.remove()
+    return out["query"], out["key"], out["value"]
+
+
+@pytest.mark.parametrize("site", ["last_layer", "top_projection"])
+def test_loss_is_the_mean_over_subnets_of_carved_students(teacher, padded_batch, site):
+    method = _method(teacher, ofa={**FAMILY, "sampling": "all"}, relation_site=site)
+    loss, terms = method.step_loss(padded_batch)
+    assert method.student.active == (2, 32, 4, 128)  # restored to the full size
+    mask = padded_batch["attention_mask"]
+    with torch.no_grad():
+        tq, tk, tv = _hooked(teacher.model, 1, padded_batch)
+    expected = []
+    for layers, hidden in [(2, 32), (2, 16), (1, 32), (1, 16)]:
+        dense = dense_subnet(method.student, layers, hidden)
+        if site == "last_layer":
+            sq, sk, sv = _hooked(dense, layers - 1, padded_batch)
+        else:
+            states = dense(**padded_batch).last_hidden_state  # [B, L, h]
+            w, b = method.relation_projection.weight, method.relation_projection.bias
+            sq, sk, sv = (F.linear(states, w[i * 32 : i * 32 + hidden, :hidden],
+                                   b[i * 32 : i * 32 + hidden]) for i in range(3))  # fmt: skip
+        kls = [_kl(t, s, mask, 4) for t, s in ((tq, sq), (tk, sk), (tv, sv))]
+        expected.append(sum(kls) / 3)
+    torch.testing.assert_close(loss, sum(expected) / 4, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(terms["loss_largest"], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(terms["loss_smallest"], expected[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_freezes_what_no_subnet_reaches(teacher):
+    last = _method(teacher, ofa=FAMILY, relation_site="last_layer")
+    frozen = last.freeze_unreached()
+    assert "student.pooler.dense.weight" in frozen
+    assert "student.encoder.layer.1.output.dense.weight" in frozen
+    assert not any(".layer.0." in name for name in frozen)
+    top = _method(teacher, ofa=FAMILY)  # top_projection by default
+    assert top.freeze_unreached() == ["student.pooler.dense.weight", "student.pooler.dense.bias"]
+
+
+def test_relation_heads_must_divide_every_subnet(teacher):
+    with pytest.raises(UserError, match="sub-network hidden size 8"):
+        _method(teacher, ofa={"layers": [2], "hidden": [32, 8]}, relation_heads=16)
+
+
+def test_cli_trains_exports_and_summarises(tmp_path, cache_dir):
+    from cli_helpers import TINY, check_ok, run_cli, write_corpus
+
+    write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "run"
+    args = [*TINY, f"data.paths=[{tmp_path / 'corpus.txt'}]", "method=ofa_minilm",
+            "ofa.layers=[2,1]", "ofa.hidden=[32,16]", "ofa.random_subnets=1",
+            "trainer.max_steps=3", f"hydra.run.dir={out}"]  # fmt: skip
+    check_ok(run_cli(args, tmp_path, cache_dir))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ofa"]["subnets_per_step"] == 3 and len(summary["ofa"]["subnets"]) == 4
+    assert (
+        json.loads((out / "student" / "config.json").read_text())["model_type"] == "lmdistill-ofa"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lmdistill.export_subnet", str(out), "1", "16"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    code = "from transformers import AutoModel; import sys; m = AutoModel.from_pretrained(sys.argv[1]); print(type(m).__name__, m.config.hidden_size)"
+    done = subprocess.run([sys.executable, "-c", code, str(out / "subnets" / "L1-H16")],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert done.stdout.split() == ["BertModel", "16"], done.stderr[-2000:]
