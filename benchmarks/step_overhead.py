@@ -15,7 +15,9 @@ clip, AdamW, scheduler.
   config (`trainer.log_every_n_steps` as configured, 50 by default), without loggers, progress bar
   or checkpoints (they run at intervals, not per step). Time of a step: from one
   `on_train_batch_start` to the next, median over the timed steps.
-* plain: the same objects stepped by hand in a Python loop; median step time.
+* plain: the same module's `step_loss` (same kernels, same masks) driven by a hand-written loop:
+  backward, clip, fused AdamW, scheduler; no Lightning, no counters, no logging. The difference is
+  what Lightning and lmdistill's bookkeeping add per step.
 * host reads: `lmdistill.host_reads.HostReadCounter` in a separate run of lmdistill (patching
   costs time): reads of tensor values per step, steady state and per logging interval.
 
@@ -93,10 +95,7 @@ def run_plain(batches, out: Path, warmup: int) -> list[float]:
     """The same math by hand: no Lightning, no counters, no logging."""
     from transformers import get_linear_schedule_with_warmup
 
-    from lmdistill.modules.base import _model_inputs
-
     cfg, module, _, _ = _build(len(batches), out)
-    teacher, student = module.teacher, module.student
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
@@ -105,17 +104,13 @@ def run_plain(batches, out: Path, warmup: int) -> list[float]:
                                   lr=cfg.optim.lr, eps=1e-6, fused=True)  # fmt: skip
     scheduler = get_linear_schedule_with_warmup(optimizer, 10, len(batches))
     module.train()
-    from lmdistill.losses import relation_kl
-    from lmdistill.models.capture import forward_qkv
-
-    heads, last = module.relation_heads, student.config.num_hidden_layers - 1
     times = []
     for batch in batches:
         start = time.perf_counter()
-        mask = batch["attention_mask"]
-        t = teacher.qkv(batch["input_ids"], mask, batch.get("token_type_ids"))
-        s = forward_qkv(student, last, **_model_inputs(batch, student.config))
-        loss = sum(relation_kl((a, a), (b, b), mask, heads) for a, b in zip(t, s, strict=True)) / 3
+        batch = module.on_before_batch_transfer(
+            batch, 0
+        )  # the host-side plan, as Lightning calls it
+        loss, _ = module.step_loss(batch)  # teacher Q/K/V, student Q/K/V, 3 relation KLs
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
