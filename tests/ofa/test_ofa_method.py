@@ -4,15 +4,14 @@ each equal to that of the carved dense student; what it freezes; a CLI run and i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
+from transformers import AutoModel
 
 from lmdistill.errors import UserError
+from lmdistill.export_subnet import main
 from lmdistill.models import build_student, load_teacher
 from lmdistill.models.ofa_export import dense_subnet
 from lmdistill.modules.ofa_minilm import OFAMiniLM
@@ -110,18 +109,13 @@ def test_cli_trains_exports_and_summarises(tmp_path, cache_dir):
     out = tmp_path / "run"
     args = [*TINY, f"data.paths=[{tmp_path / 'corpus.txt'}]", "method=ofa_minilm",
             "ofa.layers=[2,1]", "ofa.hidden=[32,16]", "ofa.random_subnets=1",
-            "trainer.max_steps=3", f"hydra.run.dir={out}"]  # fmt: skip
+            "trainer.max_steps=2", f"hydra.run.dir={out}"]  # fmt: skip
     check_ok(run_cli(args, tmp_path, cache_dir))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ofa"]["subnets_per_step"] == 3 and len(summary["ofa"]["subnets"]) == 4
     assert (
         json.loads((out / "student" / "config.json").read_text())["model_type"] == "lmdistill-ofa"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "lmdistill.export_subnet", str(out), "1", "16"],
-                          capture_output=True, text=True, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    code = "from transformers import AutoModel; import sys; m = AutoModel.from_pretrained(sys.argv[1]); print(type(m).__name__, m.config.hidden_size)"
-    done = subprocess.run([sys.executable, "-c", code, str(out / "subnets" / "L1-H16")],
-                          capture_output=True, text=True, env=env)  # fmt: skip
-    assert done.stdout.split() == ["BertModel", "16"], done.stderr[-2000:]
+    main([str(out), "1", "16"])  # lmdistill-export-subnet (its CLI runs in test_ofa_export.py)
+    dense = AutoModel.from_pretrained(out / "subnets" / "L1-H16")
+    assert type(dense).__name__ == "BertModel" and dense.config.hidden_size == 16
