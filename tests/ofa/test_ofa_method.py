@@ -119,3 +119,14 @@ def test_cli_trains_exports_and_summarises(tmp_path, cache_dir):
     main([str(out), "1", "16"])  # lmdistill-export-subnet (its CLI runs in test_ofa_export.py)
     dense = AutoModel.from_pretrained(out / "subnets" / "L1-H16")
     assert type(dense).__name__ == "BertModel" and dense.config.hidden_size == 16
+
+
+def test_a_supernet_student_takes_the_method_family(teacher):
+    from lmdistill.models.ofa_student import ofa_student
+
+    student = ofa_student(teacher, num_hidden_layers=2, hidden_size=32, num_attention_heads=4)
+    method = OFAMiniLM(teacher, student, ofa=FAMILY, relation_heads=4)
+    assert method.student is student and student.config.family() == [
+        (2, 32), (2, 16), (1, 32), (1, 16)
+    ]  # fmt: skip
+    assert student.config._attn_implementation == "sdpa"

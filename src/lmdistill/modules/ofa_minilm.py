@@ -35,6 +35,7 @@ def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
     """The student as a super-net of family `layers` x `hidden` (a dense BERT's weights kept)."""
     if isinstance(student, OFABertModel):
         student.config = ofa_config(student.config, layers, hidden)
+        student.config._attn_implementation = "sdpa"
         return student
     if getattr(student.config, "model_type", None) != "bert":
         raise UserError(
