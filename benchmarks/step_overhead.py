@@ -75,14 +75,15 @@ def _build(steps: int, out: Path, extra: list[str] = ()):
 
 
 def make_batches(steps: int, out: Path) -> list[dict]:
-    """The first `steps` batches of the tiny run's real DataModule."""
+    """The first `steps` batches of the tiny run's real DataModule (epochs repeat)."""
     _, _, datamodule, _ = _build(steps, out)
     batches = []
-    for batch in datamodule.train_dataloader():
-        batches.append({k: v.clone() for k, v in batch.items()})
-        if len(batches) == steps:
-            return batches
-    raise RuntimeError("the sample corpus gave fewer batches than asked for")
+    while len(batches) < steps:  # the sample corpus is small: several epochs if needed
+        for batch in datamodule.train_dataloader():
+            batches.append({k: v.clone() for k, v in batch.items()})
+            if len(batches) == steps:
+                break
+    return batches
 
 
 def run_framework(batches, out: Path, callbacks) -> None:
