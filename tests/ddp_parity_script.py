@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmdistill.distributed import HydraDDPStrategy
+from lmdistill.methods import MiniLMv2
 from lmdistill.models import build_student, load_teacher
-from lmdistill.modules import MiniLMv2
 
 GLOBAL_BATCH, STEPS, LENGTH = 8, 6, 16
 

@@ -168,7 +168,7 @@ def test_export_tokenizer_round_trips(main_run, tiny_teacher_dir):
 def test_export_provenance(main_run, workdir):
     provenance = json.loads((main_run / "student" / "lmdistill_provenance.json").read_text())
     assert provenance["teacher"].endswith("tiny-bert-v2")
-    assert provenance["method"] == "lmdistill.modules.MiniLMv2"
+    assert provenance["method"] == "lmdistill.methods.MiniLMv2"
     assert provenance["teacher_layer"] == 2
     assert provenance["relation_heads"] == 4
     assert provenance["data"]["paths"] == [str(workdir / "corpus.txt")]
@@ -274,7 +274,7 @@ def test_experiment_bert_large_l6(tmp_path, cache_dir):
     assert cfg["teacher"]["name_or_path"] == "google-bert/bert-large-uncased"
     assert cfg["teacher"]["layer"] == 21 and "teacher_layer" not in cfg["method"]  # one place
     assert cfg["method"]["relation_heads"] == 64
-    assert cfg["method"]["_target_"] == "lmdistill.modules.MiniLMv2"
+    assert cfg["method"]["_target_"] == "lmdistill.methods.MiniLMv2"
     assert (cfg["student"]["num_hidden_layers"], cfg["student"]["hidden_size"]) == (6, 384)
     assert cfg["optim"]["lr"] == 6e-4 and cfg["optim"]["betas"] == [0.9, 0.98]
     assert cfg["optim"]["warmup_steps"] == 4000
@@ -299,7 +299,7 @@ def test_experiment_bert_base_l3(tmp_path, cache_dir):
 
 def test_defaultscompose_distill(tmp_path, cache_dir):
     cfg = resolved_config(compose_distill([]), tmp_path)
-    assert cfg["method"]["_target_"] == "lmdistill.modules.MiniLMv2"
+    assert cfg["method"]["_target_"] == "lmdistill.methods.MiniLMv2"
     assert cfg["data"]["source"] == "sample"
     assert Path(cfg["teacher"]["name_or_path"], "config.json").is_file()  # the offline teacher
     assert cfg["method"]["relation_heads"] == 32
@@ -342,10 +342,11 @@ def test_every_group_option_composes(group, tmp_path, cache_dir):
 def test_wheel_install_runs_outside_the_repo(tmp_path, workdir, cache_dir):
     repo = Path(__file__).resolve().parents[1]
     source = tmp_path / "source"  # build from a copy: the repo's tree is left untouched
-    shutil.copytree(
-        repo / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
-    )
-    for name in ("pyproject.toml", "README.md"):
+    for tree in ("src", "conf"):
+        shutil.copytree(
+            repo / tree, source / tree, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
+        )
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(repo / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

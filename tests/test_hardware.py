@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from lmdistill import hardware
 from lmdistill.errors import UserError
+from lmdistill.methods import MiniLMv2
 from lmdistill.models import build_student, load_teacher
-from lmdistill.modules import MiniLMv2
 
 
 def test_cpu_bf16_units_are_read_from_the_cpu_flags(tmp_path):

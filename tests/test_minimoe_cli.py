@@ -21,7 +21,7 @@ def _compose(overrides: list[str]):
 @pytest.mark.parametrize("preset,x,y", [(None, 1, 4), ("1x1", 1, 1), ("2x4", 2, 4), ("1x8", 1, 8)])
 def test_moe_presets_compose(preset, x, y):
     cfg = _compose(["method=minimoe", *([f"moe={preset}"] if preset else [])])
-    assert cfg.method._target_ == "lmdistill.modules.MiniMoE"
+    assert cfg.method._target_ == "lmdistill.methods.MiniMoE"
     assert (cfg.moe.attention_experts, cfg.moe.ffn_experts) == (x, y)
     assert (
         cfg.moe.balance_weight == 0.01 and cfg.moe.router_noise == 0.1 and cfg.moe.init == "carve"

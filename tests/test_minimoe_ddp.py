@@ -56,8 +56,8 @@ def _worker(rank: int, port: int, teacher_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from lmdistill.methods import MiniMoE
     from lmdistill.models import MoESettings, build_student, load_teacher, moe_student
-    from lmdistill.modules import MiniMoE
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

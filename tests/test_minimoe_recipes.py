@@ -23,7 +23,7 @@ def test_minimoe_recipe(teacher, layers, tmp_path, cache_dir):
     assert cfg["teacher"]["layer"] is None and "teacher_layer" not in cfg["method"]  # last
     assert (cfg["student"]["num_hidden_layers"], cfg["student"]["hidden_size"]) == (layers, 384)
     method = cfg["method"]
-    assert method["_target_"] == "lmdistill.modules.MiniMoE"
+    assert method["_target_"] == "lmdistill.methods.MiniMoE"
     assert method["relation_heads"] == 32 and cfg["teacher"]["relation_heads"] == 32
     assert method["relation_site"] == "top_projection" == cfg["student"]["relation_site"]
     moe = cfg["student"]["moe"]

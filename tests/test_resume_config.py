@@ -74,7 +74,7 @@ def test_checkpoint_and_job_record_carry_the_resolved_config(finished):
     recorded = torch.load(finished / "checkpoints" / "last.ckpt", weights_only=True)[CONFIG_KEY]
     assert recorded["config"]["optim"]["lr"] == 3e-4
     assert recorded["config"]["trainer"]["max_steps"] == 4
-    assert recorded["config"]["method"]["_target_"] == "lmdistill.modules.MiniLMv2"
+    assert recorded["config"]["method"]["_target_"] == "lmdistill.methods.MiniLMv2"
     assert recorded["resumes"] == []
     assert set(recorded["config"]) == {
         "teacher",
@@ -105,7 +105,7 @@ def test_restart_in_place_with_other_settings_is_refused_and_overwrites_nothing(
         code, stderr, str(finished / "checkpoints" / "last.ckpt"), "optim.lr (0.0003 -> 0.001)",
         "method._target_", "resume.allow=[", "optim.lr",
     )  # fmt: skip
-    assert "lmdistill.modules.MiniLMv2" in line  # the checkpoint's value is named
+    assert "lmdistill.methods.MiniLMv2" in line  # the checkpoint's value is named
     assert _snapshot(finished) == before  # .hydra/config.yaml and overrides.yaml included
     assert (finished / "distill.log").read_text().startswith(log_before)
 

@@ -138,8 +138,8 @@ def test_sweep_jobs_log_their_resolved_config(tiny_sweep):
         method = re.search(r"_method-(minilm_v[12])(_|$)", job.name)[1]  # the job's own override
         targets[method] = config["method"]["_target_"]
     assert targets == {
-        "minilm_v1": "lmdistill.modules.MiniLMv1",
-        "minilm_v2": "lmdistill.modules.MiniLMv2",
+        "minilm_v1": "lmdistill.methods.MiniLMv1",
+        "minilm_v2": "lmdistill.methods.MiniLMv2",
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,18 @@ from lmdistill.packages import package_dir
 
 __all__ = ["CONF_DIR", "job_dirname", "package_dir", "register_resolvers", "sweep_group"]
 
-CONF_DIR = Path(__file__).parent / "conf"
+
+def _conf_dir() -> Path:
+    """The Hydra configs: `lmdistill/conf` inside an installed wheel (the repository's `conf/`,
+    shipped as the package `lmdistill.conf`), else the `conf/` of the source checkout that an
+    editable install runs from."""
+    packaged = Path(str(importlib.resources.files("lmdistill"))) / "conf"
+    if (packaged / "distill.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def _tiny_teacher(cache_dir: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmdistill.modules.bookkeeping import NonFiniteLossError
+from lmdistill.methods.bookkeeping import NonFiniteLossError
 
 log = logging.getLogger("lmdistill")
 EXIT_SIGNALLED = 128 + signal.SIGTERM  # the conventional exit code of a job stopped by SIGTERM

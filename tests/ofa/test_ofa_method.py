@@ -12,9 +12,9 @@ from transformers import AutoModel
 
 from lmdistill.errors import UserError
 from lmdistill.export_subnet import main
+from lmdistill.methods.ofa_minilm import OFAMiniLM
 from lmdistill.models import build_student, load_teacher
 from lmdistill.models.ofa_export import dense_subnet
-from lmdistill.modules.ofa_minilm import OFAMiniLM
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 FAMILY = {"layers": [2, 1], "hidden": [32, 16]}

@@ -14,17 +14,17 @@ import torch
 from torch import nn
 
 from lmdistill.errors import UserError
-from lmdistill.models.capture import QKV, encoder_layers, forward_qkv
-from lmdistill.models.features import FeatureRequest
-from lmdistill.models.sparse import SparseBertConfig, sparse_gflops, sparse_params
-from lmdistill.modules.base import DistillationMethod
-from lmdistill.modules.relations import (
+from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.relations import (
     check_reduction,
     check_relation_site,
     check_relation_weights,
     self_relation_terms,
     weighted_relation,
 )
+from lmdistill.models.capture import QKV, encoder_layers, forward_qkv
+from lmdistill.models.features import FeatureRequest
+from lmdistill.models.sparse import SparseBertConfig, sparse_gflops, sparse_params
 
 
 class SparseMiniLM(DistillationMethod):

@@ -13,8 +13,8 @@ import torch
 
 from lmdistill.distributed import gather_from_ranks
 from lmdistill.errors import UserError
-from lmdistill.modules.grad_guard import clip_and_guard
-from lmdistill.modules.meter import TrainingMeter
+from lmdistill.methods.grad_guard import clip_and_guard
+from lmdistill.methods.meter import TrainingMeter
 
 
 class NonFiniteLossError(UserError):

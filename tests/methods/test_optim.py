@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lmdistill.methods import MiniMoE
+from lmdistill.methods.optim import decays
 from lmdistill.models import MoESettings, build_student, load_teacher, moe_student
-from lmdistill.modules import MiniMoE
-from lmdistill.modules.optim import decays
 
 
 def test_minimoe_expert_biases_are_not_decayed_and_expert_weights_are(tiny_teacher_dir):

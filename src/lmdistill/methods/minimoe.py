@@ -14,11 +14,8 @@ from collections import defaultdict
 import torch
 
 from lmdistill.errors import UserError
-from lmdistill.models.capture import QKV
-from lmdistill.models.features import FeatureRequest
-from lmdistill.models.moe import expert_load, load_balance, router_entropy
-from lmdistill.modules.base import DistillationMethod
-from lmdistill.modules.relations import (
+from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.relations import (
     check_reduction,
     check_relation_heads,
     check_relation_site,
@@ -28,6 +25,9 @@ from lmdistill.modules.relations import (
     top_projection,
     weighted_relation,
 )
+from lmdistill.models.capture import QKV
+from lmdistill.models.features import FeatureRequest
+from lmdistill.models.moe import expert_load, load_balance, router_entropy
 
 
 class MiniMoE(DistillationMethod):

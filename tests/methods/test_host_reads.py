@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmdistill.host_reads import HostReadCounter
+from lmdistill.methods import MiniLMv1, MiniLMv2
 from lmdistill.models import build_student, load_teacher
-from lmdistill.modules import MiniLMv1, MiniLMv2
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -46,8 +46,8 @@ def test_steady_state_steps_read_nothing_and_each_interval_reads_once(method, ti
 def test_minimoe_steady_state_steps_read_nothing(tiny_teacher_dir, tmp_path):
     """Routing, dispatch and balance loss of a MiniMoE student (2x4 experts) stay on the device;
     only logging steps read (the interval's counters and the per-layer routing figures)."""
+    from lmdistill.methods import MiniMoE
     from lmdistill.models import MoESettings, moe_student
-    from lmdistill.modules import MiniMoE
 
     teacher = load_teacher(tiny_teacher_dir)
     dense = build_student(teacher.config, num_hidden_layers=2, hidden_size=32,

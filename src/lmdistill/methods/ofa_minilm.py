@@ -14,14 +14,8 @@ import torch
 from torch.nn import functional as F
 
 from lmdistill.errors import UserError
-from lmdistill.models.capture import QKV, forward_qkv
-from lmdistill.models.features import FeatureRequest
-from lmdistill.models.ofa_config import ofa_config
-from lmdistill.models.ofa_export import subnet_table
-from lmdistill.models.ofa_model import OFABertModel
-from lmdistill.models.ofa_sampling import SubnetSampler
-from lmdistill.modules.base import DistillationMethod, model_inputs
-from lmdistill.modules.relations import (
+from lmdistill.methods.base import DistillationMethod, model_inputs
+from lmdistill.methods.relations import (
     check_reduction,
     check_relation_site,
     check_relation_weights,
@@ -29,6 +23,12 @@ from lmdistill.modules.relations import (
     top_projection,
     weighted_relation,
 )
+from lmdistill.models.capture import QKV, forward_qkv
+from lmdistill.models.features import FeatureRequest
+from lmdistill.models.ofa_config import ofa_config
+from lmdistill.models.ofa_export import subnet_table
+from lmdistill.models.ofa_model import OFABertModel
+from lmdistill.models.ofa_sampling import SubnetSampler
 
 
 def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:

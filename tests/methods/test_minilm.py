@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModel
 
 from lmdistill.errors import UserError
+from lmdistill.methods import MiniLMv1, MiniLMv2
 from lmdistill.models import build_student, load_teacher
-from lmdistill.modules import MiniLMv1, MiniLMv2
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 

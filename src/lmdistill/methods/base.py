@@ -21,12 +21,12 @@ from transformers import PreTrainedModel
 from lmdistill.errors import UserError
 from lmdistill.hardware import compile_layers
 from lmdistill.losses import RelationPlan
+from lmdistill.methods.bookkeeping import NonFiniteLossError, StepRecords
+from lmdistill.methods.optim import OptimSettings, configure_adamw
 from lmdistill.models.capture import encoder_layers
 from lmdistill.models.describe import experts_of, student_gflops
 from lmdistill.models.features import FeatureRequest, Features
 from lmdistill.models.teacher import Teacher
-from lmdistill.modules.bookkeeping import NonFiniteLossError, StepRecords
-from lmdistill.modules.optim import OptimSettings, configure_adamw
 
 
 class DistillationMethod(L.LightningModule):

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
+from lmdistill.methods import MiniLMv2
+from lmdistill.methods.bookkeeping import NonFiniteLossError
 from lmdistill.models import build_student, load_teacher
-from lmdistill.modules import MiniLMv2
-from lmdistill.modules.bookkeeping import NonFiniteLossError
 from lmdistill.safe_stop import CheckpointOnStop
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -12,8 +12,8 @@ from cli_helpers import TINY, check_ok, run_cli, write_corpus
 from transformers import AutoModel
 
 from lmdistill.errors import UserError
+from lmdistill.methods.tinybert import TinyBERT
 from lmdistill.models import build_student, load_teacher
-from lmdistill.modules.tinybert import TinyBERT
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 

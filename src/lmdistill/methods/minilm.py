@@ -6,10 +6,8 @@ import torch
 
 from lmdistill.errors import UserError
 from lmdistill.losses import relation_kl
-from lmdistill.models.capture import QKV
-from lmdistill.models.features import FeatureRequest
-from lmdistill.modules.base import DistillationMethod
-from lmdistill.modules.relations import (
+from lmdistill.methods.base import DistillationMethod
+from lmdistill.methods.relations import (
     check_reduction,
     check_relation_heads,
     check_relation_site,
@@ -19,6 +17,8 @@ from lmdistill.modules.relations import (
     top_projection,
     weighted_relation,
 )
+from lmdistill.models.capture import QKV
+from lmdistill.models.features import FeatureRequest
 
 
 class MiniLMv2(DistillationMethod):

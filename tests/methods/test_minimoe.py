@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lmdistill.errors import UserError
+from lmdistill.methods import MiniLMv2, MiniMoE
 from lmdistill.models import MoESettings, build_student, load_teacher, moe_student
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.moe import MiniMoEModel, load_balance
-from lmdistill.modules import MiniLMv2, MiniMoE
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 

@@ -15,9 +15,9 @@ from torch import nn
 
 from lmdistill.errors import UserError
 from lmdistill.losses import hidden_mse
+from lmdistill.methods.base import DistillationMethod
 from lmdistill.models.features import FeatureRequest, forward_features
 from lmdistill.models.student import layer_mapping as uniform_mapping
-from lmdistill.modules.base import DistillationMethod
 
 
 def score_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
