@@ -87,8 +87,8 @@ class Ours:
     """lmdistill's MiniLMv2 module driven by hand (no trainer), float32 or bf16-mixed."""
 
     def __init__(self, precision: str, seed: int = 0):
+        from lmdistill.methods.minilm import MiniLMv2
         from lmdistill.models import build_student, load_teacher
-        from lmdistill.modules.minilm import MiniLMv2
 
         torch.manual_seed(seed)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32

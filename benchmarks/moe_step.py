@@ -17,7 +17,7 @@ the fair comparison there; compare ratios from one run only.
 
 Configurations (each in float32 and bf16-mixed):
 
-* moe: the MiniMoE module (`lmdistill.modules.MiniMoE`), moe 1x4 (dense attention, 4 FFN
+* moe: the MiniMoE module (`lmdistill.methods.MiniMoE`), moe 1x4 (dense attention, 4 FFN
   experts of width 1536 each, router noise, load-balance loss 0.01), its default relation site
   `top_projection` (a Linear(d, 3d) on the final hidden states).
 * dense: the dense MiniLMv2 module with the same relation site (`top_projection`): like with like.
@@ -77,8 +77,8 @@ class Runner:
     """One distillation module driven by hand (no trainer), float32 or bf16-mixed."""
 
     def __init__(self, kind: str, precision: str, teacher, seed: int = 0):
+        from lmdistill.methods import MiniLMv2, MiniMoE
         from lmdistill.models import MoESettings, build_student, moe_student
-        from lmdistill.modules import MiniLMv2, MiniMoE
 
         torch.manual_seed(seed)
         student = build_student(teacher.config, **STUDENT)  # same init for every kind
@@ -121,10 +121,10 @@ class Runner:
 
     def infer(self) -> float:
         """Seconds of one eval-mode, no-grad forward of the whole student."""
-        from lmdistill.modules.base import _model_inputs
+        from lmdistill.methods.base import model_inputs
 
         student = self.module.student
-        inputs = _model_inputs(self.batch, student.config)
+        inputs = model_inputs(self.batch, student.config)
         student.eval()
         try:
             start = time.perf_counter()

@@ -244,5 +244,4 @@ def model_inputs(batch: dict, config) -> dict:
     return inputs
 
 
-_model_inputs = model_inputs  # the name benchmarks/ import
 __all__ = ["DistillationMethod", "NonFiniteLossError", "encoder_mask", "model_inputs"]
