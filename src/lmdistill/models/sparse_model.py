@@ -19,7 +19,6 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
-    SequenceClassifierOutput,
 )
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
@@ -28,6 +27,7 @@ from transformers.models.bert.modeling_bert import (
     BertPooler,
 )
 
+from lmdistill.models.classification import EncoderForSequenceClassification
 from lmdistill.models.sparse_config import SparseBertConfig
 
 
@@ -176,55 +176,12 @@ class SparseBertModel(SparseBertPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
 
 
-class SparseBertForSequenceClassification(SparseBertPreTrainedModel):
+class SparseBertForSequenceClassification(
+    EncoderForSequenceClassification, SparseBertPreTrainedModel
+):
     """SparseBertModel + dropout + linear classifier on the pooled output (as BERT)."""
 
-    def __init__(self, config: SparseBertConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.bert = SparseBertModel(config)
-        dropout = config.classifier_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput:
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-        )
-        logits = self.classifier(self.dropout(outputs.pooler_output))  # [B, num_labels]
-        loss = None
-        if labels is not None:
-            if self.config.problem_type is None:
-                if self.num_labels == 1:
-                    self.config.problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    self.config.problem_type = "single_label_classification"
-                else:
-                    self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":
-                loss = nn.functional.mse_loss(logits.squeeze(-1), labels.squeeze(-1).float())
-            elif self.config.problem_type == "single_label_classification":
-                loss = nn.functional.cross_entropy(
-                    logits.view(-1, self.num_labels), labels.view(-1)
-                )
-            else:
-                loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+    encoder_class = SparseBertModel
 
 
 class SparseBertForMaskedLM(SparseBertPreTrainedModel):
