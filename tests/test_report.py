@@ -72,8 +72,8 @@ def test_join_best_median_and_average(runs):
     assert v2.average() == pytest.approx(statistics.mean([80.0, 79.0]))
     markdown = to_markdown(list(rows.values()))
     assert (
-        "| run | method | teacher | student (LxH) | steps | final loss | params (M) | GFLOPs "
-        "| cola | mrpc | stsb | rte | average |" in markdown
+        "| run | method | teacher | student (LxH) | steps | final loss | family | params (M) "
+        "| GFLOPs | cola | mrpc | stsb | rte | average |" in markdown
     )
     assert "Median over the runs" in markdown
 
@@ -157,6 +157,88 @@ def test_score_plot_one_legend_entry_per_run(lookalikes):
         "minilm_v2: 2 (minilm, 4x384, 5 steps, final loss 0.5)",
         "minilm_v2: distill/1 (minilm, 4x384, 4 steps, final loss 1)",
     ]
+
+
+SUBNETS = {"L6-H768": (6, 768, 22.0, 0.70), "L4-H384": (4, 384, 5.0, 0.66),
+           "L3-H192": (3, 192, 1.4, 0.58)}  # fmt: skip
+
+
+def _subnet_family(run: Path, summary: bool, accuracies: dict[str, float] | None = None) -> None:
+    """A method=ofa_minilm run (with or without its summary.json) whose ofa.export sub-networks
+    were fine-tuned on RTE, the results in `run`/../finetune-<run name>/<sub-network>."""
+    supernet = run / "student"
+    supernet.mkdir(parents=True)
+    if summary:
+        _write(run / "summary.json", {
+            "method": "ofa_minilm", "teacher": {"name_or_path": "/models/minilm", "layer": 6},
+            "student": {"num_hidden_layers": 6, "hidden_size": 768, "params": 10, "gflops": 22.0},
+            "steps": 7, "final_loss": 0.9, "export_dir": str(supernet),
+        })  # fmt: skip
+    for name, (layers, hidden, gflops, acc) in SUBNETS.items():
+        acc = (accuracies or {}).get(name, acc)
+        model = run / "subnets" / name
+        _write(model / "lmdistill_provenance.json", {
+            "method": "lmdistill.methods.ofa_minilm.OFAMiniLM", "teacher": "/models/minilm",
+            "steps": 7, "supernet_dir": str(supernet),
+            "subnet": {"num_hidden_layers": layers, "hidden_size": hidden, "gflops": gflops,
+                       "params": layers * hidden},
+        })  # fmt: skip
+        shape = {"num_hidden_layers": layers, "hidden_size": hidden, "params": layers * hidden,
+                 "gflops": gflops}  # fmt: skip
+        _result(run.parent / f"finetune-{run.name}" / name, model, "rte", {"accuracy": acc},
+                model_name=str(model), model_shape=shape)  # fmt: skip
+
+
+@pytest.fixture
+def families(runs) -> Path:
+    """`runs` plus two once-for-all runs' sub-networks fine-tuned on RTE: `ofa` with its
+    summary.json, `ofa-copied` without (its super-net's run directory name names the family)."""
+    _subnet_family(runs / "ofa", summary=True)
+    _subnet_family(runs / "ofa-copied", summary=False, accuracies={"L3-H192": 0.55})
+    return runs
+
+
+def test_subnetworks_form_one_family_per_supernet(families, tmp_path):
+    rows = build_rows(*collect([families]))
+    members = {(r.family, r.shape): r for r in rows if r.family is not None}
+    assert sorted(members) == sorted(
+        (family, f"{layers}x{hidden}")
+        for family in ("ofa", "ofa-copied")
+        for layers, hidden, _, _ in SUBNETS.values()
+    )
+    small = members[("ofa", "3x192")]
+    assert (small.method, small.teacher, small.gflops, small.steps) == (
+        "ofa_minilm", "/models/minilm", 1.4, 7)  # fmt: skip
+    assert small.best("rte") == pytest.approx(58.0)
+    assert members[("ofa-copied", "3x192")].method == "ofa_minilm"  # from the provenance
+    assert all(r.family is None for r in rows if r.method.startswith("minilm"))
+    files = make_report([families], tmp_path / "report")
+    with open(files["report.csv"], newline="") as f:
+        records = list(csv.DictReader(f))
+    assert sorted(r["family"] for r in records if r["family"]) == ["ofa"] * 3 + ["ofa-copied"] * 3
+    markdown = files["report.md"].read_text()
+    lines = [x for x in markdown.splitlines() if x.startswith("| ") and "| 3x192 |" in x]
+    families_column = sorted(x.split(" | ")[6] for x in lines)  # in both tables (a grid on v1)
+    assert families_column == ["ofa", "ofa", "ofa-copied", "ofa-copied"]
+
+
+def test_score_plot_one_curve_per_family_plain_points_otherwise(families):
+    from lmdistill.glue.plots import score_vs_gflops_figure
+
+    rows = build_rows(*collect([families]))
+    (ax,) = score_vs_gflops_figure(rows).axes
+    curves = [line for line in ax.get_lines() if line.get_linestyle() != "None"]
+    assert sorted(line.get_label() for line in curves) == [
+        "ofa_minilm family ofa (3 sub-networks)",
+        "ofa_minilm family ofa-copied (3 sub-networks)",
+    ]
+    for line in curves:  # through the sub-networks in order of GFLOPs
+        assert list(line.get_xdata()) == [1.4, 5.0, 22.0]
+    copied = next(line for line in curves if "ofa-copied" in line.get_label())
+    assert list(copied.get_ydata()) == pytest.approx([55.0, 66.0, 70.0])
+    points = [line for line in ax.get_lines() if line.get_linestyle() == "None"]
+    assert len(points) == 2 and all(len(line.get_xdata()) == 1 for line in points)  # v1, v2
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["6x768", "4x384", "3x192"] * 2)
 
 
 def test_join_through_provenance_after_a_move(runs, tmp_path):

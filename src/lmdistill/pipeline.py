@@ -165,9 +165,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 def check_fresh_output(out_dir: Path, export_dir: Path | None, resuming: bool = False) -> None:
-    """Nothing of an earlier run in `out_dir` is overwritten: no export, no summary."""
-    if export_dir is not None and export_dir.exists():
-        raise UserError(f"{export_dir} already exists; run in a fresh output directory")
+    """Nothing of an earlier run in `out_dir` is overwritten: no export (student/, subnets/),
+    no summary."""
+    for earlier in (export_dir, out_dir / "subnets" if export_dir is not None else None):
+        if earlier is not None and earlier.exists():
+            raise UserError(f"{earlier} already exists; run in a fresh output directory")
     summary = out_dir / "summary.json"
     if resuming and summary.exists():
         raise UserError(f"{summary} already exists; run in a fresh output directory")
@@ -181,12 +183,14 @@ def _export_and_summarize(
     `resumes`: the checkpoints this training went through, with the config changes allowed at
     each (`resume.allow`); recorded in both.
     """
+    out_dir = Path(cfg.paths.output_dir)
+    extras = {}
     if export_dir is not None:
         with quiet_transformers():
             record = {**provenance(cfg, module, trainer), "resumes": resumes}
             export_student(module.student, cfg.data.tokenizer, export_dir, record)
-    summary = {**summarize(cfg, module, trainer, export_dir), "resumes": resumes}
-    out_dir = Path(cfg.paths.output_dir)
+            extras = module.export_extras(out_dir, cfg.data.tokenizer, record)  # ofa.export
+    summary = {**summarize(cfg, module, trainer, export_dir), **extras, "resumes": resumes}
     write_json_atomic(out_dir / "summary.json", summary)
     log.info(
         "loss %.4f -> %.4f over %d steps; student: %s; summary: %s",

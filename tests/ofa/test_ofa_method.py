@@ -14,6 +14,7 @@ from lmdistill.errors import UserError
 from lmdistill.export_subnet import main
 from lmdistill.methods.ofa_minilm import OFAMiniLM
 from lmdistill.models import build_student, load_teacher
+from lmdistill.models.export import PROVENANCE_FILE
 from lmdistill.models.ofa_export import dense_subnet
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -102,23 +103,67 @@ def test_relation_heads_must_divide_every_subnet(teacher):
         _method(teacher, ofa={"layers": [2], "hidden": [32, 8]}, relation_heads=16)
 
 
-def test_cli_trains_exports_and_summarises(tmp_path, cache_dir):
-    from cli_helpers import TINY, check_ok, run_cli, write_corpus
+def _cli_args(tmp_path, out, *extra) -> list[str]:
+    from cli_helpers import TINY, write_corpus
 
     write_corpus(tmp_path / "corpus.txt")
-    out = tmp_path / "run"
-    args = [*TINY, f"data.paths=[{tmp_path / 'corpus.txt'}]", "method=ofa_minilm",
+    return [*TINY, f"data.paths=[{tmp_path / 'corpus.txt'}]", "method=ofa_minilm",
             "ofa.layers=[2,1]", "ofa.hidden=[32,16]", "ofa.random_subnets=1",
-            "trainer.max_steps=2", f"hydra.run.dir={out}"]  # fmt: skip
-    check_ok(run_cli(args, tmp_path, cache_dir))
+            "trainer.max_steps=2", *extra, f"hydra.run.dir={out}"]  # fmt: skip
+
+
+def test_cli_trains_exports_and_summarises(tmp_path, cache_dir):
+    from cli_helpers import check_ok, run_cli
+
+    out = tmp_path / "run"
+    check_ok(run_cli(_cli_args(tmp_path, out, "ofa.export=[[2,32],[1,16]]"), tmp_path, cache_dir))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ofa"]["subnets_per_step"] == 3 and len(summary["ofa"]["subnets"]) == 4
     assert (
         json.loads((out / "student" / "config.json").read_text())["model_type"] == "lmdistill-ofa"
     )
-    main([str(out), "1", "16"])  # lmdistill-export-subnet (its CLI runs in test_ofa_export.py)
-    dense = AutoModel.from_pretrained(out / "subnets" / "L1-H16")
+    # ofa.export: exported after training, listed in the summary, plain BERTs
+    assert summary["subnet_exports"] == {
+        name: str(out / "subnets" / name) for name in ("L2-H32", "L1-H16")
+    }
+    for name, (layers, hidden) in {"L2-H32": (2, 32), "L1-H16": (1, 16)}.items():
+        dense = AutoModel.from_pretrained(out / "subnets" / name)
+        assert type(dense).__name__ == "BertModel"
+        assert (dense.config.num_hidden_layers, dense.config.hidden_size) == (layers, hidden)
+        record = json.loads((out / "subnets" / name / PROVENANCE_FILE).read_text())
+        assert record["supernet_dir"] == str((out / "student").resolve())
+        assert record["subnet"]["in_family"] and record["steps"] == 2
+    main([str(out), "2", "16"])  # lmdistill-export-subnet (its CLI runs in test_ofa_export.py)
+    dense = AutoModel.from_pretrained(out / "subnets" / "L2-H16")
     assert type(dense).__name__ == "BertModel" and dense.config.hidden_size == 16
+
+
+def test_cli_impossible_export_is_one_error_line_before_training(tmp_path, cache_dir):
+    from cli_helpers import run_cli
+    from test_distill_errors import _assert_one_error_line
+
+    out = tmp_path / "run"
+    args = _cli_args(tmp_path, out, "ofa.export=[[2,32],[3,32]]")
+    code, _, stderr = run_cli(args, tmp_path, cache_dir, timeout=120)
+    _assert_one_error_line(code, stderr, "ofa.export", "l=3", "2-layer")
+    assert not (out / "checkpoints").exists() and not (out / "student").exists()
+
+
+def test_existing_subnets_are_not_overwritten(tmp_path):
+    from lmdistill.pipeline import check_fresh_output
+
+    (tmp_path / "subnets" / "L1-H16").mkdir(parents=True)
+    with pytest.raises(UserError, match="subnets already exists"):
+        check_fresh_output(tmp_path, tmp_path / "student")
+    check_fresh_output(tmp_path, None)  # no export at all: nothing written there
+
+
+def test_export_pairs_are_checked(teacher):
+    for bad, words in [([[2, 48]], "h=48"), ([[2]], "not an \\[l, h\\] pair"),
+                       ([[1, 16], [1, 16]], "twice")]:  # fmt: skip
+        with pytest.raises(UserError, match=words):
+            _method(teacher, ofa={**FAMILY, "export": bad})
+    assert _method(teacher, ofa={**FAMILY, "export": [[1, 16]]}).export == [(1, 16)]
 
 
 def test_a_supernet_student_takes_the_method_family(teacher):

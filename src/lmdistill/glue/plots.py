@@ -1,8 +1,10 @@
 """The report's figures as PNG files (matplotlib, Agg backend: no display needed).
 
 Every run has its own legend entry (`Row.label()`: run name, teacher, shape, steps, final loss),
-so runs that share a method and a shape stay apart; losses of different methods, which are not
-on one scale (MiniLM v1's two relations, v2's three, MiniMoE's balance term), get one panel each.
+so runs that share a method and a shape stay apart; the sub-networks of one once-for-all
+super-net (`Row.family`) are one curve of score against GFLOPs; losses of different methods,
+which are not on one scale (MiniLM v1's two relations, v2's three, MiniMoE's balance term), get
+one panel each.
 """
 
 from __future__ import annotations
@@ -21,22 +23,32 @@ _MARKERS = "osD^vP*Xh<>p"
 
 
 def score_vs_gflops_figure(rows: list[Row]):
-    """Average dev score against GFLOPs per 128 tokens: a colour and a line per method, a
-    marker and a legend entry per run."""
+    """Average dev score against GFLOPs per 128 tokens: one curve per once-for-all family (its
+    sub-networks in order of GFLOPs, each point marked with its shape), a plain point per other
+    model (a colour per method, a marker and a legend entry per run)."""
     fig, ax = plt.subplots(figsize=(8.8, 4.8))
     shown = [r for r in rows if r.average() is not None and r.gflops is not None]
-    methods = sorted({r.method for r in shown})
+    plain = [r for r in shown if r.family is None]
+    methods = sorted({r.method for r in plain})
     for m, method in enumerate(methods):
         color = f"C{m % 10}"
-        runs = sorted((r for r in shown if r.method == method), key=lambda r: (r.gflops, r.run))
-        ax.plot([r.gflops for r in runs], [r.average() for r in runs], color=color, alpha=0.4,
-                linewidth=1)  # fmt: skip
+        runs = sorted((r for r in plain if r.method == method), key=lambda r: (r.gflops, r.run))
         for i, r in enumerate(runs):
             ax.plot(r.gflops, r.average(), linestyle="none", color=color,
                     marker=_MARKERS[i % len(_MARKERS)], label=f"{method}: {r.label()}")  # fmt: skip
+    families = sorted({r.family for r in shown if r.family is not None})
+    for f, family in enumerate(families, start=len(methods)):
+        members = sorted((r for r in shown if r.family == family), key=lambda r: (r.gflops, r.run))
+        ax.plot([r.gflops for r in members], [r.average() for r in members], color=f"C{f % 10}",
+                marker="o", linewidth=1.5,
+                label=f"{members[0].method} family {family} ({len(members)} sub-networks)")  # fmt: skip
+        for r in members:
+            ax.annotate(r.shape, (r.gflops, r.average()), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=f"C{f % 10}")  # fmt: skip
     if not shown:
         ax.text(0.5, 0.5, "no fine-tuned models with known GFLOPs", ha="center",
                 transform=ax.transAxes)  # fmt: skip
+    ax.margins(x=0.08)  # room for the shape labels
     ax.set_xlabel("GFLOPs per 128-token sequence")
     ax.set_ylabel("average dev score")
     ax.set_title("GLUE dev score vs inference cost")

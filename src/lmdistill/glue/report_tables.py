@@ -2,9 +2,13 @@
 
     dirs --walk--> summary.json (distillation runs), results.json (fine-tuning runs)
       --join: results.model == summary.export_dir (or the summary beside the model directory)-->
-      rows: run, method, teacher, student shape, steps, final loss, params, GFLOPs, per task
-      best and median dev score over the runs of that model (a grid), average
+      rows: run, method, teacher, student shape, steps, final loss, family, params, GFLOPs, per
+      task best and median dev score over the runs of that model (a grid), average
       --> report.md, report.csv
+
+A family is the sub-networks exported from one once-for-all super-net (`ofa.export`,
+`lmdistill-export-subnet`): their provenance has `subnet` and `supernet_dir`; the `family`
+column names the super-net's run, and the score plot draws one curve per family.
 
 Every row has a `run` name of its own: the distillation run's directory, with as many parent
 directories as it takes to tell it from the others (`3_method-minilm_v1` in a sweep,
@@ -43,6 +47,8 @@ class Row:
     run: str = ""  # unique among the rows of a report (set by build_rows)
     steps: int | None = None  # distillation steps
     final_loss: float | None = None  # distillation loss, mean of the last 10 steps
+    family: str | None = None  # sub-networks of one super-net: its run's name (set by build_rows)
+    supernet_dir: str | None = None  # the super-net a sub-network was carved from
 
     def label(self) -> str:
         """The run and what sets it apart: for legends."""
@@ -112,6 +118,64 @@ def _summary_of(model: str, by_export: dict[str, Path], summaries: dict[Path, di
     return None, None
 
 
+def _subnet_provenance(model: str) -> dict | None:
+    """The provenance of an exported sub-network of a once-for-all super-net, else None."""
+    path = Path(model).expanduser() / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(record, dict) and record.get("subnet") and record.get("supernet_dir"):
+        return record
+    return None
+
+
+def _family_row(res: dict, record: dict, by_export: dict, summaries: dict) -> Row:
+    """A fine-tuned sub-network: method, teacher and steps of its super-net's run."""
+    supernet = str(Path(record["supernet_dir"]).expanduser().resolve())
+    summary = summaries.get(by_export.get(supernet), {})
+    method = summary.get("method") or str(record.get("method", "?")).rsplit(".", 1)[0]
+    method = method.rsplit(".", 1)[-1]  # lmdistill.methods.ofa_minilm(.OFAMiniLM) -> ofa_minilm
+    subnet, shape = record["subnet"], res.get("model_shape") or {}
+    return Row(
+        model=str(res["model"]),
+        method=method,
+        teacher=str(record.get("teacher", "-")),
+        shape=_shape(shape or subnet),
+        params=shape.get("params", subnet.get("params")),
+        gflops=shape.get("gflops", subnet.get("gflops")),
+        steps=record.get("steps"),
+        supernet_dir=supernet,
+    )
+
+
+def _name_families(rows: list[Row], by_export: dict[str, Path]) -> None:
+    """`row.family`: the run name of the super-net's distillation run where it is in the
+    report, else its run directory's name (`#2`, `#3` where two families share it)."""
+    run_names = {r.summary_dir: r.run for r in rows if r.summary_dir is not None}
+    names: dict[str, str] = {}
+    for r in rows:
+        if r.supernet_dir is None or r.supernet_dir in names:
+            continue
+        run_dir = by_export.get(r.supernet_dir)
+        if run_dir in run_names:
+            name = run_names[run_dir]
+        else:
+            path = Path(r.supernet_dir)
+            name = path.parent.name if path.name == "student" else path.name
+        taken = set(names.values())
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name} #{n}"
+        names[r.supernet_dir] = unique
+    for r in rows:
+        if r.supernet_dir is not None:
+            r.family = names[r.supernet_dir]
+
+
 def _shape(student: dict) -> str:
     layers, hidden = student.get("num_hidden_layers"), student.get("hidden_size")
     return f"{layers}x{hidden}" if layers and hidden else "?"
@@ -131,7 +195,10 @@ def build_rows(summaries: dict[Path, dict], results: list[dict]) -> list[Row]:
         key = (str(res["model"]), init)
         if key not in rows:
             run_dir, summary = _summary_of(res["model"], by_export, summaries)
-            if summary is not None and init == "pretrained":
+            subnet = _subnet_provenance(str(res["model"])) if summary is None else None
+            if subnet is not None and init == "pretrained":
+                rows[key] = _family_row(res, subnet, by_export, summaries)
+            elif summary is not None and init == "pretrained":
                 used.add(run_dir)
                 rows[key] = _row_from_summary(run_dir, summary, str(res["model"]))
             else:
@@ -157,6 +224,7 @@ def build_rows(summaries: dict[Path, dict], results: list[dict]) -> list[Row]:
             )
     out = list(rows.values())
     _name_runs(out)
+    _name_families(out, by_export)
     return out
 
 
@@ -223,14 +291,15 @@ def _params_m(row: Row) -> str:
 def to_markdown(rows: list[Row]) -> str:
     """The best-score table, and a median table when any task has several runs (a grid)."""
     tasks = task_columns(rows)
-    head = ["run", "method", "teacher", "student (LxH)", "steps", "final loss", "params (M)",
-            "GFLOPs", *tasks, "average"]  # fmt: skip
+    head = ["run", "method", "teacher", "student (LxH)", "steps", "final loss", "family",
+            "params (M)", "GFLOPs", *tasks, "average"]  # fmt: skip
 
     def table(value) -> list[str]:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r.run, r.method, Path(r.teacher).name or r.teacher, r.shape]
-            cells += ["-" if r.steps is None else str(r.steps), _fmt(r.final_loss, 4), _params_m(r)]
+            cells += ["-" if r.steps is None else str(r.steps), _fmt(r.final_loss, 4)]
+            cells += [r.family or "-", _params_m(r)]
             cells += [_fmt(r.gflops, 2), *(_fmt(value(r, t)) for t in tasks)]
             cells.append(_fmt(r.average(value)))
             lines.append("| " + " | ".join(cells) + " |")
@@ -247,14 +316,16 @@ def to_markdown(rows: list[Row]) -> str:
         "",
         "Scores x 100: CoLA Matthews corr.; STS-B mean of Pearson and Spearman; MRPC, QQP mean "
         "of F1 and accuracy; MNLI mean of matched and mismatched accuracy; accuracy otherwise. "
-        "Average: mean over the tasks of the row. GFLOPs per 128-token sequence.",
+        "Average: mean over the tasks of the row. GFLOPs per 128-token sequence. Family: the "
+        "once-for-all super-net (its run) a sub-network was exported from.",
     ]
     return "\n".join(out) + "\n"
 
 
 def to_csv(rows: list[Row], path: str | Path) -> Path:
     tasks = task_columns(rows)
-    head = ["run", "method", "teacher", "student", "steps", "final_loss", "params", "gflops"]
+    head = ["run", "method", "teacher", "student", "steps", "final_loss", "family", "params",
+            "gflops"]  # fmt: skip
     head += [f"{t}{suffix}" for t in tasks for suffix in ("", "_median", "_runs")]
     head += ["average", "model"]
     path = Path(path)
@@ -262,7 +333,8 @@ def to_csv(rows: list[Row], path: str | Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(head)
         for r in rows:
-            cells = [r.run, r.method, r.teacher, r.shape, r.steps, r.final_loss, r.params, r.gflops]
+            cells = [r.run, r.method, r.teacher, r.shape, r.steps, r.final_loss, r.family or "",
+                     r.params, r.gflops]  # fmt: skip
             for t in tasks:
                 cells += [r.best(t), r.median(t), len(r.scores.get(t, []))]
             writer.writerow([*cells, r.average(), r.model])

@@ -65,6 +65,10 @@ class DistillationMethod(L.LightningModule):
         """Method settings recorded in summary.json and the export's provenance."""
         return {}
 
+    def export_extras(self, out_dir, tokenizer: str, provenance: dict) -> dict:
+        """Rank 0, after the student's export: write further exports; returns summary.json keys."""
+        return {}
+
     # --- shared pieces for `step_loss` --------------------------------------------------------
 
     def teacher_features(self, batch: dict) -> Features:

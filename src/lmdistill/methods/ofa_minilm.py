@@ -5,10 +5,13 @@ The student (its shape: the largest sub-network) becomes an `OFABertModel` whose
 picks (sandwich: largest, smallest, `ofa.random_subnets` random ones; all: the whole family,
 drawn from (seed, global step) only, so resumes are exact and every rank trains the same ones)
 the MiniLM v2 relation loss of its relation site; the step's loss is their mean. The export
-(student/) is the super-net; `lmdistill-export-subnet RUN_DIR l h` carves dense students.
+(student/) is the super-net; `lmdistill-export-subnet RUN_DIR l h` carves dense students, and
+`ofa.export` lists those carved into <run>/subnets/ once training has finished.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -25,8 +28,8 @@ from lmdistill.methods.relations import (
 )
 from lmdistill.models.capture import QKV, forward_qkv
 from lmdistill.models.features import FeatureRequest
-from lmdistill.models.ofa_config import ofa_config
-from lmdistill.models.ofa_export import subnet_table
+from lmdistill.models.ofa_config import ofa_config, subnet_shape
+from lmdistill.models.ofa_export import export_subnet, subnet_name, subnet_table
 from lmdistill.models.ofa_model import OFABertModel
 from lmdistill.models.ofa_sampling import SubnetSampler
 
@@ -45,6 +48,27 @@ def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
     return OFABertModel.from_dense(student, layers, hidden)
 
 
+def check_exports(pairs, config) -> list[tuple[int, int]]:
+    """`ofa.export` as (l, h) pairs, each a sub-network of the super-net, or a `UserError`."""
+    pairs = list(pairs or [])
+    out = []
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise UserError(
+                f"ofa.export entry {pair!r} is not an [l, h] pair; write e.g. "
+                "'ofa.export=[[6,768],[4,384]]'"
+            )
+        layers, hidden = pair
+        try:
+            subnet_shape(config, layers, hidden)
+        except UserError as err:
+            raise UserError(f"ofa.export: {err}") from None
+        if (layers, hidden) in out:
+            raise UserError(f"ofa.export lists [{layers}, {hidden}] twice; list it once")
+        out.append((layers, hidden))
+    return out
+
+
 class OFAMiniLM(DistillationMethod):
     """MiniLM v2 relations averaged over the sampled sub-networks of a weight-shared super-net."""
 
@@ -61,7 +85,7 @@ class OFAMiniLM(DistillationMethod):
         optim: dict | None = None,
     ):
         ofa = {"layers": None, "hidden": None, "sampling": "sandwich", "random_subnets": 2,
-               **(ofa or {})}  # fmt: skip
+               "export": [], **(ofa or {})}  # fmt: skip
         c = student.config
         layers = list(ofa["layers"] or [c.num_hidden_layers])
         hidden = list(ofa["hidden"] or [c.hidden_size])
@@ -77,6 +101,7 @@ class OFAMiniLM(DistillationMethod):
             student.config.ofa_layers, student.config.ofa_hidden, ofa["sampling"],
             ofa["random_subnets"], seed,
         )  # fmt: skip
+        self.export = check_exports(ofa["export"], student.config)
         self.relation_heads = int(relation_heads)
         self.relation_weights = check_relation_weights(relation_weights)
         self.reduction = check_reduction(reduction)
@@ -126,6 +151,20 @@ class OFAMiniLM(DistillationMethod):
         smallest = subnets.index(self.sampler.ends[-1])
         terms = {"loss_largest": losses[0], "loss_smallest": losses[smallest]}
         return torch.stack(losses).mean(), terms
+
+    def export_extras(self, out_dir, tokenizer: str, provenance: dict) -> dict:
+        """`ofa.export`: each listed sub-network as a dense BERT in <run>/subnets/L<l>-H<h>."""
+        if not self.export:
+            return {}
+        supernet_dir = Path(out_dir) / "student"
+        record = {**provenance, "supernet_dir": str(supernet_dir.resolve())}
+        paths = {}
+        for layers, hidden in self.export:
+            name = subnet_name(layers, hidden)
+            target = Path(out_dir) / "subnets" / name
+            export_subnet(self.student, layers, hidden, tokenizer, target, provenance=record)
+            paths[name] = str(target)
+        return {"subnet_exports": paths}
 
     def summary_fields(self) -> dict:
         s = self.sampler
