@@ -164,6 +164,8 @@ def test_export_pairs_are_checked(teacher):
         with pytest.raises(UserError, match=words):
             _method(teacher, ofa={**FAMILY, "export": bad})
     assert _method(teacher, ofa={**FAMILY, "export": [[1, 16]]}).export == [(1, 16)]
+    with pytest.raises(UserError, match="ofa.export needs export=true"):
+        _method(teacher, ofa={**FAMILY, "export": [[1, 16]]}, export_student=False)
 
 
 def test_a_supernet_student_takes_the_method_family(teacher):

@@ -82,6 +82,7 @@ class OFAMiniLM(DistillationMethod):
         reduction: str = "rows",
         relation_site: str | None = None,
         seed: int = 0,
+        export_student: bool = True,
         optim: dict | None = None,
     ):
         ofa = {"layers": None, "hidden": None, "sampling": "sandwich", "random_subnets": 2,
@@ -102,6 +103,11 @@ class OFAMiniLM(DistillationMethod):
             ofa["random_subnets"], seed,
         )  # fmt: skip
         self.export = check_exports(ofa["export"], student.config)
+        if self.export and not export_student:
+            raise UserError(
+                "ofa.export needs export=true (sub-networks are exported with the super-net); "
+                "set export=true or ofa.export=[]"
+            )
         self.relation_heads = int(relation_heads)
         self.relation_weights = check_relation_weights(relation_weights)
         self.reduction = check_reduction(reduction)
