@@ -3,7 +3,7 @@
 Used by `benchmarks/distill_step.py` (CPU, float32) and `benchmarks/gpu_step.py` (any device;
 float32, or float16 autocast with a GradScaler as the original code trains) as the "original
 approach" baseline. It keeps
-the original code's costs that METHODS.md section 11 lists as defects, so the comparison is honest:
+the original code's costs that docs/methods.md section 11 lists as defects, so the comparison is honest:
 
 * the teacher is the **full, untruncated** model (all 6 layers and the pooler), run under
   `torch.no_grad()` (not `inference_mode`), with **eager** attention (the attention-probability

@@ -1,7 +1,7 @@
 """MiniMoE sublayers: mixture-of-experts attention and FFN, and the layer that holds them.
 
 A sublayer with E > 1 experts computes `LN(h + gamma * Dropout(Expert_e(h)))` with e the
-router's hard top-1 choice for each token and gamma its probability (METHODS.md section 5).
+router's hard top-1 choice for each token and gamma its probability (docs/methods.md section 5).
 A sublayer with E = 1 is the plain Hugging Face BERT sublayer (same modules, same names), so a
 1x1 MiniMoE student is a dense BERT.
 

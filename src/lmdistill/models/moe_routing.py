@@ -50,7 +50,7 @@ class RoutingStats(NamedTuple):
 
 
 def carve_indices(n: int, num_experts: int) -> list[list[int]]:
-    """Elements of the widened (E*n) sublayer that expert e takes (METHODS.md section 5).
+    """Elements of the widened (E*n) sublayer that expert e takes (docs/methods.md section 5).
 
     Expert e gets `[0..m-1] ++ [m+e, m+e+E, m+e+2E, ...]` truncated to n, with m = floor(2n/3)
     shared elements.

@@ -1,4 +1,4 @@
-"""The once-for-all super-net as a Hugging Face model: `OFABertModel` (METHODS.md section 7).
+"""The once-for-all super-net as a Hugging Face model: `OFABertModel` (docs/methods.md section 7).
 
 One set of BERT weights; `set_subnet(l, h)` (or the `subnet(l, h)` context) chooses the
 sub-network every later forward pass computes: the first l layers, each on the leading h hidden

@@ -1,4 +1,4 @@
-"""Sparse MiniLM (METHODS.md section 6): MiniLM v2 relations from the unpruned teacher into the
+"""Sparse MiniLM (docs/methods.md section 6): MiniLM v2 relations from the unpruned teacher into the
 teacher sliced at a target sparsity.
 
 The student's relation site defaults to the top projection of the original code: Q, K, V of

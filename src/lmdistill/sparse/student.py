@@ -1,7 +1,7 @@
 """The builder of sparse MiniLM students (a `_target_` for the `student` config group).
 
 The student is the teacher sliced at the target sparsity, embeddings included
-(docs: METHODS.md section 6), from the cached sparsified teacher (`lmdistill.sparse.cache`);
+(docs/methods.md section 6), from the cached sparsified teacher (`lmdistill.sparse.cache`);
 a missing entry is computed first, never replaced by a random student.
 """
 
