@@ -8,20 +8,19 @@ from lmdistill.errors import UserError
 from lmdistill.losses import relation_kl
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.relations import (
+    QKVRelationSteps,
     check_reduction,
     check_relation_heads,
     check_relation_site,
     check_relation_weights,
     self_relation_terms,
-    student_qkv,
     top_projection,
     weighted_relation,
 )
 from lmdistill.models.capture import QKV
-from lmdistill.models.features import FeatureRequest
 
 
-class MiniLMv2(DistillationMethod):
+class MiniLMv2(QKVRelationSteps, DistillationMethod):
     """Multi-head self-attention relation distillation (docs/methods.md section 2).
 
     L = (w_qq KL_QQ + w_kk KL_KK + w_vv KL_VV) / (w_qq + w_kk + w_vv), each KL over
@@ -48,15 +47,6 @@ class MiniLMv2(DistillationMethod):
         top = self.relation_site == "top_projection"
         self.relation_projection = top_projection(student) if top else None
 
-    def teacher_request(self) -> FeatureRequest:
-        return FeatureRequest(qkv_layer=self.teacher.layer)
-
-    def teacher_qkv(self, batch: dict) -> QKV:
-        return self.teacher_features(batch).qkv
-
-    def student_qkv(self, batch: dict) -> QKV:
-        return student_qkv(self.student, self.relation_projection, self.student_inputs(batch))
-
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
         return self_relation_terms(teacher, student, attention_mask, self.relation_heads,
                                    self.relation_weights, self.reduction, self.batch_plan)  # fmt: skip
@@ -64,17 +54,12 @@ class MiniLMv2(DistillationMethod):
     def combine(self, terms: dict) -> torch.Tensor:
         return weighted_relation(terms, self.relation_weights)
 
-    def step_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        terms = self.loss_terms(self.teacher_qkv(batch), self.student_qkv(batch),
-                                batch["attention_mask"])  # fmt: skip
-        return self.combine(terms), terms
-
     def summary_fields(self) -> dict:
         return {"relation_heads": self.relation_heads, "relation_site": self.relation_site,
                 "reduction": self.reduction}  # fmt: skip
 
 
-class MiniLMv1(DistillationMethod):
+class MiniLMv1(QKVRelationSteps, DistillationMethod):
     """Attention-distribution and value-relation transfer, per attention head (docs/methods.md
     section 3).
 
@@ -103,15 +88,6 @@ class MiniLMv1(DistillationMethod):
         top = self.relation_site == "top_projection"
         self.relation_projection = top_projection(student) if top else None
 
-    def teacher_request(self) -> FeatureRequest:
-        return FeatureRequest(qkv_layer=self.teacher.layer)
-
-    def teacher_qkv(self, batch: dict) -> QKV:
-        return self.teacher_features(batch).qkv
-
-    def student_qkv(self, batch: dict) -> QKV:
-        return student_qkv(self.student, self.relation_projection, self.student_inputs(batch))
-
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
         at = relation_kl((teacher.query, teacher.key), (student.query, student.key),
                          attention_mask, self.heads, self.reduction, self.batch_plan)  # fmt: skip
@@ -121,11 +97,6 @@ class MiniLMv1(DistillationMethod):
 
     def combine(self, terms: dict) -> torch.Tensor:
         return terms["at"] + terms["vr"]
-
-    def step_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        terms = self.loss_terms(self.teacher_qkv(batch), self.student_qkv(batch),
-                                batch["attention_mask"])  # fmt: skip
-        return self.combine(terms), terms
 
     def summary_fields(self) -> dict:
         return {"attention_heads": self.heads, "relation_heads": self.heads,

@@ -16,21 +16,20 @@ import torch
 from lmdistill.errors import UserError
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.relations import (
+    QKVRelationSteps,
     check_reduction,
     check_relation_heads,
     check_relation_site,
     check_relation_weights,
     self_relation_terms,
-    student_qkv,
     top_projection,
     weighted_relation,
 )
 from lmdistill.models.capture import QKV
-from lmdistill.models.features import FeatureRequest
 from lmdistill.models.moe import expert_load, load_balance, router_entropy
 
 
-class MiniMoE(DistillationMethod):
+class MiniMoE(QKVRelationSteps, DistillationMethod):
     """Q-Q, K-K, V-V relation distillation into a MiniMoE student, plus load balancing.
 
     relation_site: null means top_projection (the original MiniMoE work).
@@ -63,16 +62,6 @@ class MiniMoE(DistillationMethod):
 
     # --- forward and loss --------------------------------------------------------------------
 
-    def teacher_request(self) -> FeatureRequest:
-        return FeatureRequest(qkv_layer=self.teacher.layer)
-
-    def teacher_qkv(self, batch: dict) -> QKV:
-        return self.teacher_features(batch).qkv
-
-    def student_qkv(self, batch: dict) -> QKV:
-        """At the last layer of attention experts: each token's own expert's Q/K/V."""
-        return student_qkv(self.student, self.relation_projection, self.student_inputs(batch))
-
     def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
         terms = self_relation_terms(teacher, student, attention_mask, self.relation_heads,
                                     self.relation_weights, self.reduction, self.batch_plan)  # fmt: skip
@@ -95,11 +84,6 @@ class MiniMoE(DistillationMethod):
         if "balance" in terms:
             loss = loss + self.balance_weight * terms["balance"]
         return loss
-
-    def step_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        terms = self.loss_terms(self.teacher_qkv(batch), self.student_qkv(batch),
-                                batch["attention_mask"])  # fmt: skip
-        return self.combine(terms), terms
 
     def summary_fields(self) -> dict:
         return {"relation_heads": self.relation_heads, "relation_site": self.relation_site,

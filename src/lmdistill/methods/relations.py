@@ -1,5 +1,6 @@
-"""Shared pieces of the relation methods (MiniLM v1, v2, MiniMoE): the student's relation site,
-setting checks and the Q-Q, K-K, V-V relation terms (docs/methods.md sections 1-3)."""
+"""Shared pieces of the relation methods (MiniLM v1, v2, MiniMoE, sparse MiniLM): the student's
+relation site, setting checks, the Q-Q, K-K, V-V relation terms, and the steps of a method that
+compares teacher and student Q/K/V (docs/methods.md sections 1-3)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 from lmdistill.errors import UserError
 from lmdistill.losses import RelationPlan, relation_kl
 from lmdistill.models.capture import QKV, forward_qkv
+from lmdistill.models.features import FeatureRequest
 
 RELATION_SITES = ("last_layer", "top_projection")
 REDUCTIONS = ("rows", "per_sequence")
@@ -36,6 +38,27 @@ def student_qkv(student, projection: nn.Linear | None, inputs: dict) -> QKV:
         return forward_qkv(student, student.config.num_hidden_layers - 1, **inputs)
     hidden = student(**inputs).last_hidden_state  # [B, L, d]
     return QKV(*projection(hidden).chunk(3, dim=-1))
+
+
+class QKVRelationSteps:
+    """Mixin (before `DistillationMethod`) of the methods whose loss compares the Q/K/V of the
+    teacher's layer with the student's at its relation site: the teacher's request, both Q/K/V,
+    and `step_loss` = `combine(loss_terms(...))`. The method sets `relation_projection` (None at
+    the last-layer site) and defines `loss_terms` and `combine`."""
+
+    def teacher_request(self) -> FeatureRequest:
+        return FeatureRequest(qkv_layer=self.teacher.layer)
+
+    def teacher_qkv(self, batch: dict) -> QKV:
+        return self.teacher_features(batch).qkv
+
+    def student_qkv(self, batch: dict) -> QKV:
+        return student_qkv(self.student, self.relation_projection, self.student_inputs(batch))
+
+    def step_loss(self, batch: dict) -> tuple:
+        terms = self.loss_terms(self.teacher_qkv(batch), self.student_qkv(batch),
+                                batch["attention_mask"])  # fmt: skip
+        return self.combine(terms), terms
 
 
 def check_reduction(reduction: str) -> str:

@@ -16,18 +16,18 @@ from torch import nn
 from lmdistill.errors import UserError
 from lmdistill.methods.base import DistillationMethod
 from lmdistill.methods.relations import (
+    QKVRelationSteps,
     check_reduction,
     check_relation_site,
     check_relation_weights,
     self_relation_terms,
     weighted_relation,
 )
-from lmdistill.models.capture import QKV, encoder_layers, forward_qkv
-from lmdistill.models.features import FeatureRequest
+from lmdistill.models.capture import QKV, encoder_layers
 from lmdistill.models.sparse import SparseBertConfig, sparse_gflops, sparse_params
 
 
-class SparseMiniLM(DistillationMethod):
+class SparseMiniLM(QKVRelationSteps, DistillationMethod):
     """L = (w_qq KL_QQ + w_kk KL_KK + w_vv KL_VV) / (w_qq + w_kk + w_vv), teacher layer
     `teacher.layer`, student site `relation_site` (null: top_projection)."""
 
@@ -69,22 +69,12 @@ class SparseMiniLM(DistillationMethod):
         d = student.config.hidden_size
         self.relation_projection = nn.Linear(d, 3 * width) if site == "top_projection" else None
 
-    def teacher_request(self) -> FeatureRequest:
-        return FeatureRequest(qkv_layer=self.teacher.layer)
+    def loss_terms(self, teacher: QKV, student: QKV, attention_mask: torch.Tensor) -> dict:
+        return self_relation_terms(teacher, student, attention_mask, self.relation_heads,
+                                   self.relation_weights, self.reduction, self.batch_plan)  # fmt: skip
 
-    def student_qkv(self, batch: dict) -> QKV:
-        inputs = self.student_inputs(batch)
-        if self.relation_projection is None:
-            return forward_qkv(self.student, self.student.config.num_hidden_layers - 1, **inputs)
-        hidden = self.student(**inputs).last_hidden_state  # [B, L, d']
-        return QKV(*self.relation_projection(hidden).chunk(3, dim=-1))  # 3 x [B, L, d_T]
-
-    def step_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        teacher = self.teacher_features(batch).qkv
-        terms = self_relation_terms(teacher, self.student_qkv(batch), batch["attention_mask"],
-                                    self.relation_heads, self.relation_weights, self.reduction,
-                                    self.batch_plan)  # fmt: skip
-        return weighted_relation(terms, self.relation_weights), terms
+    def combine(self, terms: dict) -> torch.Tensor:
+        return weighted_relation(terms, self.relation_weights)
 
     def student_gflops(self, seq_len: int = 128) -> float:
         return sparse_gflops(self.student.config, seq_len)
