@@ -177,3 +177,14 @@ def test_a_supernet_student_takes_the_method_family(teacher):
         (2, 32), (2, 16), (1, 32), (1, 16)
     ]  # fmt: skip
     assert student.config._attn_implementation == "sdpa"
+
+
+def test_a_supernet_student_refuses_experts(teacher):
+    from lmdistill.models.ofa_student import ofa_student
+
+    with pytest.raises(UserError, match="super-nets are dense; use moe=1x1"):
+        ofa_student(teacher, num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                    moe={"attention_experts": 1, "ffn_experts": 4})  # fmt: skip
+    dense = {"attention_experts": 1, "ffn_experts": 1}
+    assert ofa_student(teacher, num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                       moe=dense).config.hidden_size == 32  # fmt: skip

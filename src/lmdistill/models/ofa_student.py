@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lmdistill.errors import UserError
+from lmdistill.models.builders import MoESettings, encoder_student
 from lmdistill.models.ofa_model import OFABertModel
-from lmdistill.models.student import build_student
 from lmdistill.models.teacher import Teacher
 
 
@@ -31,17 +31,11 @@ def ofa_student(
             f"{teacher.config.model_type!r} model; use a BERT teacher (e.g. teacher=bert-base-uncased)"
         )
     moe = _ignored.get("moe")
-    experts = (getattr(moe, "attention_experts", 1), getattr(moe, "ffn_experts", 1))
-    if isinstance(moe, dict):
-        experts = (moe.get("attention_experts", 1), moe.get("ffn_experts", 1))
-    if tuple(int(e) for e in experts) != (1, 1):
+    if not (moe if isinstance(moe, MoESettings) else MoESettings(**(moe or {}))).dense:
         raise UserError("once-for-all super-nets are dense; use moe=1x1 with method=ofa_minilm")
-    dense = build_student(
-        teacher.config, num_hidden_layers=num_hidden_layers, hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
-        hidden_dropout_prob=hidden_dropout_prob,
-        attention_probs_dropout_prob=attention_probs_dropout_prob,
-        init_from_teacher=teacher.model if init_from_teacher else None,
+    dense = encoder_student(
+        teacher, num_hidden_layers, hidden_size, num_attention_heads, intermediate_size,
+        hidden_dropout_prob, attention_probs_dropout_prob, init_from_teacher,
     )  # fmt: skip
     ofa_layers = [int(x) for x in ofa_layers] if ofa_layers is not None else None
     ofa_hidden = [int(x) for x in ofa_hidden] if ofa_hidden is not None else None
