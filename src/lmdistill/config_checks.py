@@ -4,18 +4,21 @@ Hydra accepts any value its grammar parses (`seed=abc`, `optim.lr=-1`, a dict wr
 string `qq:1`); without these checks they surface later as tracebacks from PyTorch, Lightning or
 a `**` unpacking. `check_config(cfg)` raises a `UserError` (one line: the value, then the fix) for
 the first bad value among the fields the config has, so the entry points of lmdistill-distill
-and lmdistill-finetune share it: each config has only some of the fields below.
+and lmdistill-finetune share it: each config has only some of the fields below. The `eval` group
+of lmdistill-distill (GLUE after distillation) is checked here too, before distillation starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
+from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lmdistill.errors import UserError
+from lmdistill.glue.tasks import TASKS
 
 _ABSENT = object()
 
@@ -62,6 +65,34 @@ def _relation_weights(value) -> str | None:
     return None
 
 
+def _items(value) -> list:
+    """A list's items; a single value (`eval.tasks=rte`) is a list of one."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    return [value]
+
+
+def _each(check: Callable[[object], str | None]) -> Callable[[object], str | None]:
+    """`check` on every item of a non-empty list (or on a single value)."""
+
+    def check_all(value) -> str | None:
+        items = _items(value)
+        if not items:
+            return "is empty"
+        return next((check(v) for v in items if check(v) is not None), None)
+
+    return check_all
+
+
+def _glue_task(value) -> str | None:
+    name = str(value).lower().replace("-", "")
+    return None if name in TASKS else f"names no GLUE task ('{value}')"
+
+
+def _select(value) -> str | None:
+    return None if value in ("best", "last") else "must be best or last"
+
+
 # (key, check, the fix): keys a config does not have are skipped
 _CHECKS: list[tuple[str, Callable[[object], str | None], str]] = [
     ("seed", _int, "e.g. seed=1"),
@@ -84,6 +115,22 @@ _CHECKS: list[tuple[str, Callable[[object], str | None], str]] = [
     ("warmup_ratio", _fraction, "e.g. warmup_ratio=0.1"),
     ("data.train_limit", _optional_positive_int, "e.g. data.train_limit=5000, or null for all"),
     ("data.max_seq_length", _positive_int, "e.g. data.max_seq_length=128"),
+    # lmdistill-distill eval=glue
+    (
+        "eval.tasks",
+        _each(_glue_task),
+        f"use some of {', '.join(TASKS)}, e.g. eval.tasks=[rte,mrpc]",
+    ),
+    ("eval.lrs", _each(_positive_number), "e.g. eval.lrs=[1e-4,5e-5]"),
+    ("eval.epochs", _each(_positive_int), "e.g. eval.epochs=[3]"),
+    ("eval.seeds", _each(_int), "e.g. eval.seeds=[42]"),
+    ("eval.batch_size", _positive_int, "e.g. eval.batch_size=32"),
+    ("eval.eval_batch_size", _positive_int, "e.g. eval.eval_batch_size=128"),
+    ("eval.max_seq_length", _positive_int, "e.g. eval.max_seq_length=128"),
+    ("eval.train_limit", _optional_positive_int, "e.g. eval.train_limit=5000, or null for all"),
+    ("eval.weight_decay", _non_negative_number, "e.g. eval.weight_decay=0.01"),
+    ("eval.warmup_ratio", _fraction, "e.g. eval.warmup_ratio=0.1"),
+    ("eval.select", _select, "e.g. eval.select=best"),
 ]
 
 
@@ -96,15 +143,35 @@ def check_config(cfg: DictConfig) -> None:
             continue  # a ???: the entry point's own error names it
         if value is _ABSENT:
             continue  # not a field of this config
-        if isinstance(value, DictConfig):
+        if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
         problem = check(value)
         if problem is not None:
             raise UserError(f"{key}={_show(value)} {problem}; {fix}")
+    _check_eval(cfg)
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    """GLUE after distillation (`eval=glue`) fine-tunes the export: it needs one, and its data."""
+    if OmegaConf.select(cfg, "eval") is None or OmegaConf.select(cfg, "export") is None:
+        return  # not lmdistill-distill, or no eval
+    if not cfg.export:
+        raise UserError(
+            "eval=glue fine-tunes the exported student, but export=false; set export=true "
+            "or drop eval=glue"
+        )
+    glue_dir = cfg.eval.get("glue_dir")
+    if glue_dir is not None and not Path(str(glue_dir)).expanduser().is_dir():
+        raise UserError(
+            f"eval.glue_dir {glue_dir} does not exist; point it at a folder of GLUE TSV files "
+            "(CoLA/, RTE/, ...) or set eval.glue_dir=null to use the hub"
+        )
 
 
 def _show(value) -> str:
     """The value as the user typed it (strings unquoted, like a Hydra override)."""
     if isinstance(value, str):
         return value
+    if isinstance(value, list):
+        return "[" + ",".join(map(_show, value)) + "]"
     return str(value)

@@ -4,10 +4,12 @@
     lmdistill-distill -m student=L3-H384,L4-H384 method=minilm_v1,minilm_v2
     lmdistill-distill -m method=minilm_v2,minimoe moe=1x1,1x4
     lmdistill-distill student=L6-H384 assistant=default    (teacher -> assistant -> student)
+    lmdistill-distill eval=glue eval.tasks=[rte,mrpc]        (then GLUE fine-tuning, in summary.json)
 
 Composes the config and hands it to the pipeline (`lmdistill.pipeline`), which instantiates
 teacher, student, method and data, fits, exports and summarises; with an `assistant`, the
-two stages run through `lmdistill.assistant`.
+two stages run through `lmdistill.assistant`. With `eval=glue`, rank 0 then fine-tunes the
+exported student(s) on GLUE (`lmdistill.glue.attached`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 from lmdistill.assistant import run_with_assistant
 from lmdistill.distributed import job_scope
 from lmdistill.errors import report_user_errors
+from lmdistill.glue.attached import evaluate_run
 from lmdistill.pipeline import build, run
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.runs import remember_job
@@ -38,9 +41,11 @@ def main(cfg: DictConfig) -> None:
     remember_job(cfg)  # its .hydra/ record is written once the checks pass (runs.write_job_record)
     with job_scope("lmdistill.distill"):  # the next job of a sweep starts with a clean process
         if cfg.get("assistant") is not None:
-            run_with_assistant(cfg)
+            summary = run_with_assistant(cfg)
         else:
-            run(cfg)
+            summary = run(cfg)
+        if summary and cfg.get("eval") is not None:  # global rank 0, after the export barrier
+            evaluate_run(cfg, summary)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,18 @@
     lmdistill-finetune task=sst2 model=minilm-l6-local init=random data.train_limit=5000
     lmdistill-finetune -m +grid=paper task=rte model=<student dir>
 
-Composes the config, loads the model with a task head, builds the GLUE data, fits with Lightning
-(dev evaluation every epoch, and where training stops) and writes results.json. Everything else lives in lmdistill.glue.
+Composes the config and hands one `FinetuneSettings` to `finetune()`, which loads the model with a
+task head, builds the GLUE data, fits with Lightning (dev evaluation every epoch, and where
+training stops) and writes results.json. `finetune()` needs no Hydra: `lmdistill-distill
+eval=glue` calls it in-process (lmdistill.glue.attached). Everything else lives in lmdistill.glue.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -81,10 +85,132 @@ def fit_and_evaluate(trainer, module: GlueClassifier, datamodule: GlueDataModule
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything that decides one fine-tune's result: model, task, data and optimisation.
+
+    Recorded in results.json (`settings`); lmdistill.glue.attached compares it to tell a finished
+    grid point from one of other settings.
+    """
+
+    model: str  # model directory or hub name (resolved: no shortcuts)
+    task: str  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
+    init: str = "pretrained"  # pretrained | random
+    lr: float = 2e-5
+    batch_size: int = 32
+    epochs: int = 3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    select: str = "best"  # best | last dev epoch
+    seed: int = 42
+    glue_dir: str | None = None  # folder of GLUE TSV files; None = the hub (hf_path)
+    hf_path: str = "nyu-mll/glue"
+    max_seq_length: int = 128
+    eval_batch_size: int = 128
+    train_limit: int | None = None
+    num_workers: int = 0
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def data(self) -> dict:
+        """The GlueDataModule's keyword arguments (besides task, tokenizer, batch size, seed)."""
+        keys = ("glue_dir", "hf_path", "max_seq_length", "eval_batch_size", "train_limit",
+                "num_workers")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
+def finetune(
+    settings: FinetuneSettings,
+    out_dir: str | Path,
+    make_trainer: Callable[[], L.Trainer],
+    model_name: str | None = None,
+    hyperparameters: dict | None = None,
+) -> dict:
+    """Fine-tune `settings.model` on `settings.task`, evaluate on dev; write and return
+    results.json in `out_dir` (the global-zero rank; {} elsewhere). No Hydra: callable in-process.
+
+    make_trainer: builds the Lightning Trainer (max_epochs = settings.epochs), called once the
+    model and data are loaded; hyperparameters: what its loggers get (default: the settings).
+    """
+    task = get_task(settings.task)
+    out_dir = Path(out_dir)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    model = load_classifier(
+        settings.model, task, settings.init, revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+    )  # fmt: skip
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(
+            settings.model, revision=settings.revision,
+            trust_remote_code=settings.trust_remote_code,
+        )  # fmt: skip
+    datamodule = GlueDataModule(
+        task, tokenizer, batch_size=settings.batch_size, seed=settings.seed, **settings.data()
+    )
+    datamodule.setup("fit")  # bad or missing files fail before training starts
+    module = GlueClassifier(
+        model, task, lr=settings.lr, weight_decay=settings.weight_decay,
+        warmup_ratio=settings.warmup_ratio,
+    )  # fmt: skip
+    trainer = make_trainer()
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hyperparameters or asdict(settings))
+    try:
+        fit_and_evaluate(trainer, module, datamodule)
+    finally:
+        finish_wandb(trainer)
+    if not trainer.is_global_zero:
+        return {}
+    chosen = module.results(settings.select)
+    results = {
+        "task": task.name,
+        "model": settings.model,
+        "model_name": model_name or settings.model,
+        "init": settings.init,
+        "metrics": chosen["metrics"],  # fractions (accuracy 0.71), correlations in [-1, 1]
+        "score": chosen["score"],  # the task's main score (GLUE convention, lmdistill.glue.tasks)
+        "select": settings.select,  # best: the best dev epoch; last: the last epoch
+        "epoch": chosen["epoch"] + 1,  # 1-indexed epoch the metrics come from
+        "step": chosen["step"],  # optimizer steps trained when they were measured
+        "steps": trainer.global_step,  # optimizer steps trained in all
+        "epochs": settings.epochs,
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "train_examples": len(datamodule.train),
+        "dev_examples": {name: len(f) for name, f in datamodule.dev.items()},
+        "history": module.history,
+        "model_shape": model_shape(model),
+        "precision": str(trainer.precision),
+        "settings": asdict(settings),
+        "lmdistill_version": __version__,
+    }
+    write_json_atomic(out_dir / "results.json", results)
+    log.info(
+        "%s dev (%s epoch %d): %s; results: %s", task.name, settings.select, results["epoch"],
+        ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items()), out_dir / "results.json",
+    )  # fmt: skip
+    return results
+
+
+def settings_from_config(cfg: DictConfig, model_path: str) -> FinetuneSettings:
+    """lmdistill-finetune's config as the settings of one fine-tune."""
+    data = cfg.data
+    return FinetuneSettings(
+        model=model_path, task=str(cfg.task), init=str(cfg.init), lr=cfg.lr,
+        batch_size=cfg.batch_size, epochs=cfg.epochs, weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio, select=str(cfg.select), seed=cfg.seed,
+        glue_dir=data.glue_dir, hf_path=str(data.hf_path), max_seq_length=data.max_seq_length,
+        eval_batch_size=data.eval_batch_size, train_limit=data.train_limit,
+        num_workers=data.num_workers, revision=cfg.revision,
+        trust_remote_code=bool(cfg.trust_remote_code),
+    )  # fmt: skip
+
+
 def run(cfg: DictConfig) -> dict:
     """Fine-tune and evaluate one configuration; returns (and writes) results.json."""
     check_config(cfg)  # lr=-1, batch_size=0, seed=abc, ...: one line before anything is loaded
-    task = get_task(str(cfg.task))
+    get_task(str(cfg.task))
     if cfg.data.glue_dir is not None and not Path(cfg.data.glue_dir).expanduser().is_dir():
         raise UserError(
             f"data.glue_dir {cfg.data.glue_dir} does not exist; point it at a folder of GLUE "
@@ -92,63 +218,18 @@ def run(cfg: DictConfig) -> dict:
         )
     out_dir = Path(cfg.paths.output_dir)
     model_path = resolve_model(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = load_classifier(
-        model_path, task, cfg.init, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+
+    def make_trainer() -> L.Trainer:
+        loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+        precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+        return instantiate(
+            cfg.trainer, precision=precision, logger=loggers, default_root_dir=str(out_dir)
         )
-    datamodule = GlueDataModule(
-        task, tokenizer, batch_size=cfg.batch_size, seed=cfg.seed, **cfg.data
-    )
-    datamodule.setup("fit")  # bad or missing files fail before training starts
-    module = GlueClassifier(
-        model, task, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio
-    )
-    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
-    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))  # auto
-    trainer = instantiate(
-        cfg.trainer, precision=precision, logger=loggers, default_root_dir=str(out_dir)
-    )
-    for logger in trainer.loggers:
-        logger.log_hyperparams(hyperparameters(cfg, model_path))
-    try:
-        fit_and_evaluate(trainer, module, datamodule)
-    finally:
-        finish_wandb(trainer)
-    if not trainer.is_global_zero:
-        return {}
-    chosen = module.results(cfg.select)
-    results = {
-        "task": task.name,
-        "model": model_path,
-        "model_name": str(cfg.model),
-        "init": cfg.init,
-        "metrics": chosen["metrics"],  # fractions (accuracy 0.71), correlations in [-1, 1]
-        "score": chosen["score"],  # the task's main score (GLUE convention, lmdistill.glue.tasks)
-        "select": cfg.select,  # best: the best dev epoch; last: the last epoch
-        "epoch": chosen["epoch"] + 1,  # 1-indexed epoch the metrics come from
-        "step": chosen["step"],  # optimizer steps trained when they were measured
-        "steps": trainer.global_step,  # optimizer steps trained in all
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-        "train_examples": len(datamodule.train),
-        "dev_examples": {name: len(f) for name, f in datamodule.dev.items()},
-        "history": module.history,
-        "model_shape": model_shape(model),
-        "precision": str(trainer.precision),
-        "lmdistill_version": __version__,
-    }
-    write_json_atomic(out_dir / "results.json", results)
-    log.info(
-        "%s dev (%s epoch %d): %s; results: %s", task.name, cfg.select, results["epoch"],
-        ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items()), out_dir / "results.json",
+
+    return finetune(
+        settings_from_config(cfg, model_path), out_dir, make_trainer, model_name=str(cfg.model),
+        hyperparameters=hyperparameters(cfg, model_path),
     )  # fmt: skip
-    return results
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")

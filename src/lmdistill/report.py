@@ -3,7 +3,8 @@
     lmdistill-report outputs/ multirun/ [--out reports/] [--wandb]
 
 Walks the directories for summary.json and results.json, joins fine-tuning runs to the
-distillation run that exported their model, and writes report.md, report.csv,
+distillation run that exported their model (GLUE scores that `lmdistill-distill eval=glue` wrote
+into summary.json count as its fine-tuning runs), and writes report.md, report.csv,
 score_vs_gflops.png and loss_curves.png to --out (default: the first directory). Fine-tuned
 sub-networks of a once-for-all super-net (`ofa.export`, `lmdistill-export-subnet`) form a family:
 a `family` column, and one curve per family in score_vs_gflops.png. Plain argparse rather than

@@ -27,6 +27,11 @@ from lmdistill.models.teacher import quiet_transformers
 INITS = ("pretrained", "random")
 
 
+def _one_process() -> bool:
+    """torchmetrics' `distributed_available_fn` of a trainer with one process: nothing to sync."""
+    return False
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
@@ -110,6 +115,12 @@ class GlueClassifier(L.LightningModule):
         labels = batch.pop("labels")
         preds = predictions(self.task, self(batch))  # [B]
         self.dev_metrics[dataloader_idx].update(preds, labels)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size == 1:  # e.g. lmdistill-distill eval=glue on rank 0 after DDP:
+            for collection in self.dev_metrics:  # the job's process group is not this trainer's
+                for metric in collection.values():
+                    metric.distributed_available_fn = _one_process
 
     def on_validation_epoch_end(self) -> None:
         metrics = {}

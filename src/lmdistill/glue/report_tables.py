@@ -6,6 +6,11 @@
       task best and median dev score over the runs of that model (a grid), average
       --> report.md, report.csv
 
+Distillation runs with GLUE attached (`lmdistill-distill ... eval=glue`) carry their scores in
+summary.json (`glue`, and `assistant.glue` for a teacher assistant, which gets a row of its own:
+`<run>/stage1_assistant`): every grid point counts as one fine-tuning run of the model (best and
+median), and the results.json files under `<run>/eval/` are not counted a second time.
+
 A family is the sub-networks exported from one once-for-all super-net (`ofa.export`,
 `lmdistill-export-subnet`): their provenance has `subnet` and `supernet_dir`; the `family`
 column names the super-net's run, and the score plot draws one curve per family.
@@ -181,8 +186,54 @@ def _shape(student: dict) -> str:
     return f"{layers}x{hidden}" if layers and hidden else "?"
 
 
+def _attached_scores(glue: dict) -> dict[str, list[float]]:
+    """{task: every grid point's score x 100} of a summary's `glue` (lmdistill.glue.attached)."""
+    scores = {}
+    for name, entry in glue.items():
+        if name in TASKS and isinstance(entry, dict):
+            grid = entry.get("grid") or [entry]
+            scores[name] = [100.0 * point["score"] for point in grid]
+    return scores
+
+
+def _is_attached(res: dict, summaries: dict[Path, dict]) -> bool:
+    """Whether a results.json is a grid point of a run's attached GLUE evaluation (`<run>/eval/`)
+    that its summary.json reports already."""
+    where = Path(res["_dir"]).resolve()
+    return any(
+        where.is_relative_to(run_dir / "eval") for run_dir, s in summaries.items() if s.get("glue")
+    )
+
+
+def _add_attached(rows: dict, summaries: dict[Path, dict]) -> None:
+    """The GLUE scores in summary.json (`glue`, `assistant.glue`) into the rows of their models;
+    a teacher assistant gets a row of its own."""
+    for run_dir, summary in summaries.items():
+        if summary.get("glue"):
+            row = next((r for r in rows.values() if r.summary_dir == run_dir), None)
+            if row is None:  # its export's row came from another summary (a stage's own)
+                export = str(summary.get("export_dir"))
+                row = rows[(export, "glue")] = _row_from_summary(run_dir, summary, export)
+            _extend(row, _attached_scores(summary["glue"]))
+        assistant = summary.get("assistant")
+        if isinstance(assistant, dict) and assistant.get("glue") and assistant.get("export_dir"):
+            key = (str(assistant["export_dir"]), "pretrained")
+            if key not in rows:
+                rows[key] = _row_from_summary(
+                    run_dir / "stage1_assistant", assistant.get("summary") or {},
+                    str(assistant["export_dir"]),
+                )  # fmt: skip
+            _extend(rows[key], _attached_scores(assistant["glue"]))
+
+
+def _extend(row: Row, scores: dict[str, list[float]]) -> None:
+    for task, values in scores.items():
+        row.scores.setdefault(task, []).extend(values)
+
+
 def build_rows(summaries: dict[Path, dict], results: list[dict]) -> list[Row]:
     """One row per (model, init) with fine-tuning results, plus distillation runs without any."""
+    results = [r for r in results if not _is_attached(r, summaries)]
     by_export = {
         str(Path(s["export_dir"]).expanduser().resolve()): d
         for d, s in summaries.items()
@@ -222,6 +273,7 @@ def build_rows(summaries: dict[Path, dict], results: list[dict]) -> list[Row]:
             rows[(str(summary.get("export_dir")), "distilled")] = _row_from_summary(
                 run_dir, summary, str(summary.get("export_dir"))
             )
+    _add_attached(rows, summaries)
     out = list(rows.values())
     _name_runs(out)
     _name_families(out, by_export)
