@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 # the tiny teacher and student; each CLI run with them takes a few seconds (imports dominate)
+# (validation off: tests of it turn it on, tests/methods/test_validation.py)
 TINY = ["teacher=tiny", "student=tiny", "data=text", "data.batch_size=8", "data.num_workers=0",
-        "trainer.log_every_n_steps=1", "trainer.precision=32"]  # fmt: skip
+        "trainer.log_every_n_steps=1", "trainer.precision=32", "data.val_batches=0"]  # fmt: skip
 
 _SENTENCES = [
     "The river bends slowly around the old mill before it reaches the town.",

@@ -8,6 +8,10 @@
 
 `pretokenize=False` tokenizes in the workers on every pass and caches nothing.
 
+Validation (`val_batches` > 0): a fixed list of batches of held-out text, built once in `setup()`
+(validation.py), from `val_paths` or from the documents held out of the corpus (holdout.py:
+every round(1/`val_fraction`)-th, never trained on); `val_dataloader()` gives each rank its share.
+
 Arguments are validated in the constructor where possible and in `setup()` otherwise (tokenizer,
 files, empty corpus); problems raise `UserError` naming the problem and the fix.
 """
@@ -19,8 +23,9 @@ import os
 
 import lightning as L
 
-from lmdistill.data import token_cache
+from lmdistill.data import token_cache, validation
 from lmdistill.data.dataset import SegmentPairStream, collate_pairs
+from lmdistill.data.holdout import default_fraction, holdout_every
 from lmdistill.data.loader import ResumableDataLoader
 from lmdistill.data.sample import default_cache_dir, ensure_sample_corpus
 from lmdistill.data.segments import PairTemplate, plain_backend
@@ -87,6 +92,9 @@ class PretrainingDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         pretokenize: bool = True,
+        val_paths: list[str] | None = None,
+        val_fraction: float | None = None,
+        val_batches: int | None = 0,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -114,6 +122,35 @@ class PretrainingDataModule(L.LightningDataModule):
             raise UserError(
                 "shuffle_buffer and num_workers must be >= 0; fix data.shuffle_buffer / data.num_workers"
             )
+        val_batches = int(val_batches or 0)
+        if val_batches < 0:
+            raise UserError(
+                f"data.val_batches={val_batches} is below 0; give a number of validation "
+                "batches, or 0 for no validation"
+            )
+        val_paths = list(val_paths) if isinstance(val_paths, (list, tuple)) else val_paths
+        if not val_batches and (val_paths or val_fraction is not None):
+            raise UserError(
+                "data.val_paths/data.val_fraction choose validation text but data.val_batches=0 "
+                "switches validation off; set data.val_batches > 0, or leave both null"
+            )
+        if val_paths and val_fraction is not None:
+            raise UserError(
+                "data.val_paths and data.val_fraction both choose the validation text; give one "
+                "(val_fraction=null with val_paths)"
+            )
+        self.val_batches = val_batches
+        self.val_paths = ([val_paths] if isinstance(val_paths, str) else val_paths) or None
+        self.val_fraction = val_fraction
+        # K: training skips documents n % K == 0 (0: nothing held out: no split, or val_paths)
+        self.holdout = 0
+        if val_batches and not self.val_paths:
+            fraction = default_fraction(source) if val_fraction is None else float(val_fraction)
+            self.holdout = holdout_every(fraction)
+        self.val_spec: StreamSpec | None = None
+        self.val_cache: token_cache.TokenCache | None = None
+        self._val_batches: list[dict] | None = None  # all ranks' batches, built for _val_world
+        self._val_world = 1
         self.source = source
         self.tokenizer_name = tokenizer
         self.paths = (
@@ -162,7 +199,17 @@ class PretrainingDataModule(L.LightningDataModule):
         self._check_not_empty(spec)
         if self.pretokenize:
             self.cache = self._token_cache(spec, tokenizer)
+        if self.val_batches and self.val_paths:
+            self.val_spec = local_spec(resolve_paths(self.val_paths), self.document_format)
+            self._check_not_empty(self.val_spec)
+            self.val_cache = (
+                self._token_cache(self.val_spec, tokenizer) if self.pretokenize else None
+            )
+        elif self.val_batches:
+            self.val_spec, self.val_cache = spec, self.cache
         self.spec = spec
+        if self.val_batches:  # an empty held-out part fails here, before training
+            self._build_validation(self._rank_world()[1])
 
     def _token_cache(self, spec: StreamSpec, tokenizer) -> token_cache.TokenCache:
         """The keyed cache; local corpora are tokenized into it now (once, under a lock)."""
@@ -180,7 +227,7 @@ class PretrainingDataModule(L.LightningDataModule):
             token_cache.SHARD_DOCUMENTS,
             max(backend.get_vocab_size(with_added_tokens=True), len(tokenizer)),
         )
-        if self.source != "hub":
+        if spec.data_files is not None:  # local files: tokenized whole now
             try:
                 token_cache.build_cache(cache, spec, self.document_format, self.text_field, backend)
             except OSError as err:
@@ -227,7 +274,48 @@ class PretrainingDataModule(L.LightningDataModule):
             world_size=world,
             epoch=epoch,
             cache=self.cache,
+            holdout=self.holdout,
         )
+
+    @property
+    def validates(self) -> bool:
+        """Whether this data module gives validation batches (`val_batches` > 0)."""
+        return self.val_batches > 0
+
+    def validation_dataset(self) -> SegmentPairStream:
+        """The held-out documents' pairs, in document order, from a fixed seed (validation.py)."""
+        self.setup()
+        return SegmentPairStream(
+            spec=self.val_spec,
+            tokenizer=self.tokenizer_name,
+            template=self.template,
+            document_format=self.document_format,
+            text_field=self.text_field,
+            max_seq_length=self.max_seq_length,
+            short_seq_prob=self.short_seq_prob,
+            shuffle_buffer=0,
+            seed=validation.VALIDATION_SEED,
+            cache=self.val_cache,
+            holdout=1 if self.val_paths else self.holdout,
+            part="validation",
+        )
+
+    def _build_validation(self, world_size: int) -> list[dict]:
+        if self._val_batches is None or self._val_world != world_size:
+            count = validation.batches_for_ranks(self.val_batches, world_size)
+            self._val_batches = validation.build_batches(
+                self.validation_dataset(), self.batch_size, count, self.pad_token_id, world_size
+            )
+            self._val_world = world_size
+        return self._val_batches
+
+    def val_dataloader(self) -> validation.FixedBatches | list:
+        """This rank's share of the fixed validation batches; [] (no validation) when off."""
+        if not self.val_batches:
+            return []
+        self.setup()
+        rank, world = self._rank_world()
+        return validation.FixedBatches(self._build_validation(world), rank, world)
 
     def train_dataloader(self) -> ResumableDataLoader:
         return ResumableDataLoader(

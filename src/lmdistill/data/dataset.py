@@ -12,6 +12,11 @@ own documents and, with a cache, writes them as its part of each shard it saw fr
 the next epoch or run reads them. Either way a document gives the same sentence token ids, so
 the pairs do not depend on where they came from.
 
+Validation split (holdout.py): a stream is the `part` "train" or "validation" of the corpus;
+with `holdout` K > 0, documents n % K == 0 are the validation part. A training worker still
+tokenizes and caches its held-out documents (the cache holds every document) but does not yield
+them; a validation stream yields only them and never writes the cache.
+
 Randomness: each worker's `random.Random` is seeded from (seed, epoch, g), so the stream differs
 per rank, per worker and per epoch and is reproducible given the seed.
 
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lmdistill.data.holdout import PARTS, is_selected
 from lmdistill.data.segments import PairTemplate, build_pairs, plain_backend
 from lmdistill.data.sentences import split_sentences
 from lmdistill.data.sources import StreamSpec, iter_documents
@@ -85,7 +91,11 @@ class SegmentPairStream(IterableDataset):
         world_size: int = 1,
         epoch: int = 0,
         cache: TokenCache | None = None,
+        holdout: int = 0,
+        part: str = "train",
     ):
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, not {part!r}")
         self.spec = spec
         self.tokenizer_path = tokenizer
         self.template = template
@@ -99,6 +109,9 @@ class SegmentPairStream(IterableDataset):
         self.world_size = world_size
         self.epoch = epoch
         self.cache = cache  # None: tokenize on the fly and keep nothing
+        self.holdout = holdout  # K: documents n % K == 0 are held out (0: none)
+        self.part = part  # "train" or "validation"
+        self._writes_cache = part == "train"  # a validation stream sees only part of a shard
         self._resume: dict | None = None  # a loaded state, used by the next __iter__
         self._live: dict | None = None  # the state of the running iteration
         self._tokenizer = None  # loaded lazily, in the worker
@@ -157,7 +170,8 @@ class SegmentPairStream(IterableDataset):
                 if reader is not None:
                     for number, doc in reader.documents(live["doc_number"], g, num_global):
                         live["doc_number"] = number + 1
-                        yield doc
+                        if is_selected(number, self.holdout, self.part):
+                            yield doc
                     end = reader.end
                     live["doc_number"] = end.end_doc
                     if end.position is not None:
@@ -177,7 +191,8 @@ class SegmentPairStream(IterableDataset):
         cache, start = self.cache, live["doc_number"]
         size = cache.shard_documents if cache is not None else 0
         shard = start // size if cache is not None else 0
-        writing = cache is not None and start % size == 0  # this shard is seen from its start
+        # this shard is seen from its start
+        writing = self._writes_cache and cache is not None and start % size == 0
         own: list[tuple[int, Document]] = []
         n = live["position_doc"]
         for text, next_position in iter_documents(
@@ -186,17 +201,19 @@ class SegmentPairStream(IterableDataset):
             if n >= start and cache is not None and n // size != shard:  # n opens a new shard
                 if writing:
                     self._write(shard, g, num_global, own, ShardEnd(n, live["position"], False))
-                own, shard, writing = [], n // size, True
+                own, shard, writing = [], n // size, self._writes_cache
                 if cache.open_shard(shard) is not None:
                     return False
             live["position"], live["position_doc"] = next_position, n + 1
             if n >= start:
                 live["doc_number"] = n + 1
-                if n % num_global == g:
+                selected = is_selected(n, self.holdout, self.part)
+                if n % num_global == g and (selected or writing):
                     doc = self._tokenize(text)
                     if writing:
                         own.append((n, doc))
-                    yield doc
+                    if selected:
+                        yield doc
             n += 1
         if writing:
             self._write(shard, g, num_global, own, ShardEnd(n, None, True))

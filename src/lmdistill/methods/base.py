@@ -8,6 +8,10 @@ frozen teacher's features, the student's encoder inputs, freezing what the loss 
 (`bookkeeping.StepRecords`: meter, clipping and non-finite skips, RNG for exact resume).
 
 A training step, top to bottom: `step_loss(batch)` -> (loss, named terms) -> the records.
+A validation step (held-out batches, every `trainer.val_check_interval` batches and at the last
+step): `validation_loss(batch)` (`step_loss` unless a method says otherwise) in eval mode without
+gradients, logged as `val/loss` and `val/loss_<term>`: the mean over the validation batches,
+reduced over DDP ranks by Lightning (`sync_dist`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ from transformers import PreTrainedModel
 from lmdistill.errors import UserError
 from lmdistill.hardware import compile_layers
 from lmdistill.losses import RelationPlan
-from lmdistill.methods.bookkeeping import NonFiniteLossError, StepRecords
+from lmdistill.methods.bookkeeping import (
+    NonFiniteLossError,
+    StepRecords,
+    rng_states,
+    set_rng_states,
+)
 from lmdistill.methods.optim import OptimSettings, configure_adamw
 from lmdistill.models.capture import encoder_layers
 from lmdistill.models.describe import experts_of, student_gflops
@@ -50,6 +59,8 @@ class DistillationMethod(L.LightningModule):
         self.records = StepRecords(self.optim.max_nonfinite_steps)
         self.frozen_parameters: list[str] = []  # set by `freeze_unreached`
         self.batch_plan: RelationPlan | None = None  # of the current batch, host side
+        self.last_validation: dict[str, float] = {}  # val/* figures of the last validation
+        self._rng_before_validation: dict | None = None
 
     # --- what a method defines -------------------------------------------------------------
 
@@ -62,8 +73,15 @@ class DistillationMethod(L.LightningModule):
         raise NotImplementedError
 
     def summary_fields(self) -> dict:
-        """Method settings recorded in summary.json and the export's provenance."""
-        return {}
+        """Method settings recorded in summary.json and the export's provenance; subclasses
+        add theirs to these (the last validation's figures: `val_loss`, `val_stsb_spearman`,
+        ..., and its `val_step`)."""
+        return {key.replace("/", "_"): value for key, value in self.last_validation.items()}
+
+    def validation_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The held-out loss of a batch and its named terms: the training loss of one fixed
+        network (`step_loss`; a method that samples networks evaluates a defined one)."""
+        return self.step_loss(batch)
 
     def export_extras(self, out_dir, tokenizer: str, provenance: dict) -> dict:
         """Rank 0, after the student's export: write further exports; returns summary.json keys."""
@@ -125,6 +143,13 @@ class DistillationMethod(L.LightningModule):
         self.records.add_micro_batch(loss, terms, self._trainer)
         return loss  # a non-finite loss is skipped on the device (`configure_gradient_clipping`)
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """`val/loss` and `val/loss_<term>`: means over the validation batches (each batch
+        weighs the same, as each step in `train/loss`), reduced over ranks."""
+        loss, terms = self.validation_loss(batch)
+        metrics = {"val/loss": loss, **{f"val/loss_{k}": v for k, v in terms.items()}}
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:  # fmt: skip
         """Clip by norm and skip non-finite updates, on the device (`grad_guard`); every step."""
@@ -141,7 +166,8 @@ class DistillationMethod(L.LightningModule):
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         mask = batch["attention_mask"]  # [B, L] on the host: reading it costs no device sync
-        self.meter.add_batch_tokens(int(mask.sum()))
+        if self._trainer is None or self._trainer.training:  # validation tokens are not trained
+            self.meter.add_batch_tokens(int(mask.sum()))
         self.batch_plan = RelationPlan.of(mask)
         return batch
 
@@ -163,6 +189,23 @@ class DistillationMethod(L.LightningModule):
             return
         if not self.meter.started or self.trainer._logger_connector.should_update_logs:
             self.log_dict(self.records.flush(self.trainer, batch["input_ids"].shape[0]))
+        if 0 < self.trainer.max_steps <= self.global_step:
+            # training ends here; stopping (rather than only ending) makes Lightning validate the
+            # final student too, whatever `val_check_interval` (nothing else differs)
+            self.trainer.should_stop = True
+
+    def on_validation_start(self) -> None:
+        """Validation leaves the training's random state as it found it (exact resumes)."""
+        self._rng_before_validation = rng_states()
+
+    def on_validation_end(self) -> None:
+        """Keep this validation's figures (reduced, read once: validation may sync)."""
+        if self._rng_before_validation is not None:
+            set_rng_states(self._rng_before_validation)
+            self._rng_before_validation = None
+        metrics = self.trainer.callback_metrics
+        figures = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        self.last_validation = {**figures, "val/step": self.global_step}
 
     def on_train_end(self) -> None:
         """The last, partial interval: straight to the loggers (Lightning logs no more now)."""

@@ -55,8 +55,8 @@ class MiniLMv2(QKVRelationSteps, DistillationMethod):
         return weighted_relation(terms, self.relation_weights)
 
     def summary_fields(self) -> dict:
-        return {"relation_heads": self.relation_heads, "relation_site": self.relation_site,
-                "reduction": self.reduction}  # fmt: skip
+        return {**super().summary_fields(), "relation_heads": self.relation_heads,
+                "relation_site": self.relation_site, "reduction": self.reduction}  # fmt: skip
 
 
 class MiniLMv1(QKVRelationSteps, DistillationMethod):
@@ -99,5 +99,6 @@ class MiniLMv1(QKVRelationSteps, DistillationMethod):
         return terms["at"] + terms["vr"]
 
     def summary_fields(self) -> dict:
-        return {"attention_heads": self.heads, "relation_heads": self.heads,
-                "relation_site": self.relation_site, "reduction": self.reduction}  # fmt: skip
+        return {**super().summary_fields(), "attention_heads": self.heads,
+                "relation_heads": self.heads, "relation_site": self.relation_site,
+                "reduction": self.reduction}  # fmt: skip

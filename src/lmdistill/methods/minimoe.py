@@ -86,8 +86,9 @@ class MiniMoE(QKVRelationSteps, DistillationMethod):
         return loss
 
     def summary_fields(self) -> dict:
-        return {"relation_heads": self.relation_heads, "relation_site": self.relation_site,
-                "reduction": self.reduction, "balance_weight": self.balance_weight}  # fmt: skip
+        return {**super().summary_fields(), "relation_heads": self.relation_heads,
+                "relation_site": self.relation_site, "reduction": self.reduction,
+                "balance_weight": self.balance_weight}  # fmt: skip
 
     # --- visibility --------------------------------------------------------------------------
 

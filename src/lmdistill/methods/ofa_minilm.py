@@ -158,6 +158,17 @@ class OFAMiniLM(DistillationMethod):
         terms = {"loss_largest": losses[0], "loss_smallest": losses[smallest]}
         return torch.stack(losses).mean(), terms
 
+    def validation_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The largest sub-network's relation loss and terms: one fixed network (the sampled
+        mean would change with the step), also what the STS-B probe embeds."""
+        layers, hidden = self.sampler.family[0]
+        self.student.set_subnet(layers, hidden)  # as outside `step_loss`
+        student = self.subnet_qkv(layers, hidden, self.student_inputs(batch))
+        terms = self_relation_terms(self.teacher_features(batch).qkv, student,
+                                    batch["attention_mask"], self.relation_heads,
+                                    self.relation_weights, self.reduction, self.batch_plan)  # fmt: skip
+        return weighted_relation(terms, self.relation_weights), terms
+
     def export_extras(self, out_dir, tokenizer: str, provenance: dict) -> dict:
         """`ofa.export`: each listed sub-network as a dense BERT in <run>/subnets/L<l>-H<h>."""
         if not self.export:
@@ -175,6 +186,7 @@ class OFAMiniLM(DistillationMethod):
     def summary_fields(self) -> dict:
         s = self.sampler
         return {
+            **super().summary_fields(),
             "relation_heads": self.relation_heads,
             "relation_site": self.relation_site,
             "reduction": self.reduction,

@@ -102,4 +102,4 @@ class TinyBERT(DistillationMethod):
         return terms["embeddings"] + terms["hidden"] + terms["attention"], terms
 
     def summary_fields(self) -> dict:
-        return {"layer_mapping": self.layer_mapping}
+        return {**super().summary_fields(), "layer_mapping": self.layer_mapping}

@@ -82,6 +82,7 @@ class SparseMiniLM(QKVRelationSteps, DistillationMethod):
     def summary_fields(self) -> dict:
         c = self.student.config
         return {
+            **super().summary_fields(),
             "relation_heads": self.relation_heads, "relation_site": self.relation_site,
             "reduction": self.reduction,
             "sparse_student": {
