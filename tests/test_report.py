@@ -258,9 +258,15 @@ def test_cli_writes_table_csv_and_plots(runs, tmp_path, cache_dir):
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    for name in ("report.md", "report.csv", "score_vs_gflops.png", "loss_curves.png"):
+    for name in (
+        "report.md",
+        "report.csv",
+        "score_vs_gflops.png",
+        "loss_curves.png",
+        "quality_curves.png",
+    ):
         assert (out / name).stat().st_size > 0, name
-    for name in ("score_vs_gflops.png", "loss_curves.png"):
+    for name in ("score_vs_gflops.png", "loss_curves.png", "quality_curves.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     with open(out / "report.csv", newline="") as f:
         records = {r["method"]: r for r in csv.DictReader(f)}

@@ -5,7 +5,8 @@
 Walks the directories for summary.json and results.json, joins fine-tuning runs to the
 distillation run that exported their model (GLUE scores that `lmdistill-distill eval=glue` wrote
 into summary.json count as its fine-tuning runs), and writes report.md, report.csv,
-score_vs_gflops.png and loss_curves.png to --out (default: the first directory). Fine-tuned
+score_vs_gflops.png, loss_curves.png and quality_curves.png (held-out loss and
+the STS-B probe against the step) to --out (default: the first directory). Fine-tuned
 sub-networks of a once-for-all super-net (`ofa.export`, `lmdistill-export-subnet`) form a family:
 a `family` column, and one curve per family in score_vs_gflops.png. Plain argparse rather than
 Hydra: a report has no training configuration to compose.
@@ -17,6 +18,7 @@ import argparse
 import os
 from pathlib import Path
 
+from lmdistill.curves import plot_quality_curves
 from lmdistill.errors import report_user_errors
 from lmdistill.glue.report_tables import Row, build_rows, collect, to_csv, to_markdown
 
@@ -35,6 +37,9 @@ def make_report(dirs: list[str | Path], out: str | Path | None = None) -> dict[s
         "report.csv": to_csv(rows, out / "report.csv"),
         "score_vs_gflops.png": plots.score_vs_gflops(rows, out / "score_vs_gflops.png"),
         "loss_curves.png": plots.loss_curves(rows, out / "loss_curves.png"),
+        "quality_curves.png": plot_quality_curves(
+            sorted({r.summary_dir for r in rows if r.summary_dir}), out / "quality_curves.png"
+        ),  # val/loss and the STS-B probe against the step
     }
     return {**files, "rows": rows}
 
@@ -60,6 +65,7 @@ def log_to_wandb(files: dict, project: str = "lmdistill") -> None:
                 "report": wandb.Table(columns=records[0], data=records[1:]),
                 "score_vs_gflops": wandb.Image(str(files["score_vs_gflops.png"])),
                 "loss_curves": wandb.Image(str(files["loss_curves.png"])),
+                "quality_curves": wandb.Image(str(files["quality_curves.png"])),
             }
         )
         run.summary["models"] = len(rows)
