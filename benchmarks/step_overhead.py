@@ -48,6 +48,34 @@ OVERRIDES = ["teacher=tiny", "student=tiny", "method=minilm_v2", "trainer.precis
              "data.num_workers=0"]  # fmt: skip
 
 
+class MathClock:
+    """Wall time inside the math both loops share: `step_loss` (forward) and the backward pass.
+
+    A step minus this is what each loop does around the math; the difference of those is the
+    framework's own work, and the difference of the math times shows whether running inside
+    Lightning slows the math itself (both are printed: the machine is shared and noisy).
+    """
+
+    def __init__(self):
+        self.seconds: list[float] = []  # per step: forward + backward
+
+    def wrap(self, module) -> None:
+        step_loss, backward = module.step_loss, module.backward
+
+        def timed_step_loss(batch):
+            start = time.perf_counter()
+            out = step_loss(batch)
+            self.seconds.append(time.perf_counter() - start)
+            return out
+
+        def timed_backward(loss, *args, **kwargs):
+            start = time.perf_counter()
+            backward(loss, *args, **kwargs)
+            self.seconds[-1] += time.perf_counter() - start
+
+        module.step_loss, module.backward = timed_step_loss, timed_backward
+
+
 class StepClock(L.Callback):
     """Wall time from one `on_train_batch_start` to the next (a whole loop iteration)."""
 
@@ -86,13 +114,15 @@ def make_batches(steps: int, out: Path) -> list[dict]:
     return batches
 
 
-def run_framework(batches, out: Path, callbacks) -> None:
+def run_framework(batches, out: Path, callbacks, math: MathClock | None = None) -> None:
     cfg, module, _, trainer = _build(len(batches), out)
+    if math is not None:
+        math.wrap(module)
     trainer.callbacks.extend(callbacks)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
 
 
-def run_plain(batches, out: Path, warmup: int) -> list[float]:
+def run_plain(batches, out: Path, warmup: int, math: MathClock) -> list[float]:
     """The same math by hand: no Lightning, no counters, no logging."""
     from transformers import get_linear_schedule_with_warmup
 
@@ -111,8 +141,10 @@ def run_plain(batches, out: Path, warmup: int) -> list[float]:
         batch = module.on_before_batch_transfer(
             batch, 0
         )  # the host-side plan, as Lightning calls it
+        math_start = time.perf_counter()
         loss, _ = module.step_loss(batch)  # teacher Q/K/V, student Q/K/V, 3 relation KLs
         loss.backward()
+        math.seconds.append(time.perf_counter() - math_start)
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
         scheduler.step()
@@ -127,6 +159,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved lmdistill/plain rounds")
     p.add_argument("--out", default="bench-results/step_overhead.json")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -134,12 +167,18 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         batches = make_batches(args.steps, tmp / "data")
         interval = int(compose(OVERRIDES, tmp).trainer.log_every_n_steps)
-        plain, framework = [], []
-        for round_ in range(2):  # interleaved, twice: the machine is shared and noisy
-            clock = StepClock()
-            run_framework(batches, tmp / f"fw{round_}", [clock])
-            framework += clock.step_seconds(args.warmup)
-            plain += run_plain(batches, tmp / f"plain{round_}", args.warmup)
+        plain, framework, rounds = [], [], []
+        math_fw, math_plain = MathClock(), MathClock()
+        for round_ in range(args.rounds):  # interleaved: the machine is shared and noisy
+            clock, fw_math, pl_math = StepClock(), MathClock(), MathClock()
+            run_framework(batches, tmp / f"fw{round_}", [clock], fw_math)
+            fw = clock.step_seconds(args.warmup)
+            pl = run_plain(batches, tmp / f"plain{round_}", args.warmup, pl_math)
+            framework += fw
+            plain += pl
+            math_fw.seconds += fw_math.seconds[args.warmup :]
+            math_plain.seconds += pl_math.seconds[args.warmup :]
+            rounds.append(1000 * (statistics.median(fw) - statistics.median(pl)))
         counter = HostReadCounter(where=True)
         run_framework(batches, tmp / "reads", [counter])
     reads = counter.per_step[args.warmup :]
@@ -155,16 +194,28 @@ def main(argv=None) -> None:
         },  # fmt: skip
         "framework_ms": 1000 * statistics.median(framework),
         "plain_ms": 1000 * statistics.median(plain),
+        "overhead_ms_per_round": [round(r, 2) for r in rounds],
+        "math_framework_ms": 1000 * statistics.median(math_fw.seconds),
+        "math_plain_ms": 1000 * statistics.median(math_plain.seconds),
         "host_reads_per_step_max": max(other_steps) if other_steps else None,
         "host_reads_per_logging_step": sorted(set(logging_steps)),
         "host_reads_mean_per_step": sum(reads) / len(reads),
         "host_read_sites": dict(counter.callers.most_common(10)),
     }
     result["overhead_ms"] = result["framework_ms"] - result["plain_ms"]
+    result["outside_math_ms"] = (result["framework_ms"] - result["math_framework_ms"]) - (
+        result["plain_ms"] - result["math_plain_ms"]
+    )  # the framework's own work per step
     print("| | ms per step (median) |\n|---|---|")
     print(f"| lmdistill (Lightning, real config) | {result['framework_ms']:.2f} |")
     print(f"| plain PyTorch loop, same math | {result['plain_ms']:.2f} |")
     print(f"| overhead per step | {result['overhead_ms']:.2f} (target <= 2) |")
+    print(
+        f"| - of which the framework's own work around the math | {result['outside_math_ms']:.2f} |"
+    )
+    print(f"| - forward + backward inside lmdistill / plain | {result['math_framework_ms']:.2f} / "
+          f"{result['math_plain_ms']:.2f} |")  # fmt: skip
+    print(f"overhead per round: {result['overhead_ms_per_round']} ms")
     print(f"\nhost reads: {result['host_reads_per_step_max']} per step between logging steps, "
           f"{result['host_reads_per_logging_step']} at each logging step "
           f"(every {interval} steps; target <= 1 per interval)")  # fmt: skip
