@@ -1,6 +1,9 @@
-"""The distillation pipeline below both entry points (`lmdistill-distill` and the teacher
-assistant's two stages): build teacher, student and method from their configs, fit, export the
-student, write summary.json.
+"""The distillation pipeline below the entry point (`lmdistill-distill`, and the teacher assistant's
+chain in `lmdistill.assistant`): build teacher, student and method from their configs, fit,
+export the student, write summary.json.
+
+`run` is one configuration from start to end; its steps (`open_checkpoint`, `build`, `fit`,
+`export_and_summarize`) are what the teacher assistant's run is made of too.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_a
 from lmdistill.models import export_student
 from lmdistill.models.describe import describe_student
 from lmdistill.models.teacher import quiet_transformers
-from lmdistill.resume import RecordConfig, check_resume, report_finished
+from lmdistill.resume import RecordConfig, Resume, check_resume, report_finished
 from lmdistill.runs import config_key, record_run, resolve_ckpt_path, write_job_record
 from lmdistill.safe_stop import EXIT_SIGNALLED, CheckpointOnStop
 from lmdistill.tracking import finish_wandb
@@ -44,11 +47,13 @@ def _builder(cfg: DictConfig, group: str) -> DictConfig:
     return OmegaConf.create({k: v for k, v in node.items() if k not in _READ_BY_METHODS[group]})
 
 
-def build_method(cfg: DictConfig, precision: str):
+def build_method(cfg: DictConfig, precision: str, teacher=None):
     """Teacher, student and method from their groups' `_target_`s; then the method freezes what
-    its loss cannot reach."""
+    its loss cannot reach. `teacher`: a `Teacher` built already (the teacher assistant's), in
+    place of the `teacher` group's."""
     # objects are passed to partials (Hydra would copy keyword arguments into a config)
-    teacher = instantiate(_builder(cfg, "teacher"), precision=precision)
+    if teacher is None:
+        teacher = instantiate(_builder(cfg, "teacher"), precision=precision)
     student = instantiate(_builder(cfg, "student"), _partial_=True, _convert_="all")(
         teacher=teacher
     )
@@ -58,15 +63,16 @@ def build_method(cfg: DictConfig, precision: str):
     return method
 
 
-def build(cfg: DictConfig):
-    """Instantiate (module, datamodule, trainer) from a composed config."""
+def build(cfg: DictConfig, make_module=build_method):
+    """Instantiate (module, datamodule, trainer) from a composed config; the module is
+    `make_module(cfg, precision)` (a method, or the teacher assistant's chain)."""
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     enable_tf32(cfg.tf32)
     if precision.startswith("16") and not torch.cuda.is_available():
         log.warning(
             "trainer.precision=16-mixed has no effect on CPU: Lightning runs it as bf16-mixed"
         )
-    module = build_method(cfg, precision)
+    module = make_module(cfg, precision)
     backend = compile_backend(cfg.compile)
     if backend is not None:
         module.compile_models(backend)
@@ -81,11 +87,14 @@ def build(cfg: DictConfig):
     return module, datamodule, trainer
 
 
-def summarize(cfg: DictConfig, module, trainer, export_dir: Path | None) -> dict:
-    """The run's summary.json (DESIGN.md contract); method settings from `summary_fields`."""
+def summarize(
+    cfg: DictConfig, module, trainer, export_dir: Path | None, method: str | None = None
+) -> dict:
+    """The run's summary.json (DESIGN.md contract); method settings from `summary_fields`.
+    `method`: the method's name (default: the `method=` choice of the job)."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     return {
-        "method": choices.get("method", cfg.method._target_.rsplit(".", 1)[-1]),
+        "method": method or choices.get("method", cfg.method._target_.rsplit(".", 1)[-1]),
         "teacher": {
             "name_or_path": cfg.teacher.name_or_path,
             "layer": module.teacher.layer,
@@ -115,28 +124,63 @@ def run(cfg: DictConfig) -> dict:
     and a finished run is reported, not trained again (`lmdistill.resume`).
     """
     check_config(cfg)  # seed=abc, optim.lr=-1, ...: one line before anything is built or written
-    out_dir = Path(cfg.paths.output_dir)
-    export_dir = out_dir / "student" if cfg.export else None
+    export_dir = Path(cfg.paths.output_dir) / "student" if cfg.export else None
     key = config_key(cfg)
     ckpt_path = resolve_ckpt_path(cfg, key)
+    checkpoint, resume, finished = open_checkpoint(cfg, ckpt_path, export_dir)
+    if finished is not None:
+        return report_finished(finished) if is_first_rank() else {}
+    module, datamodule, trainer = build(cfg)
+    if checkpoint is not None:
+        check_resumed_module(checkpoint, module, trainer, ckpt_path)
+        del checkpoint
+    resumes = fit(cfg, key, module, datamodule, trainer, ckpt_path, resume)
+    summary = (
+        export_and_summarize(cfg, module, trainer, export_dir, resumes)
+        if trainer.is_global_zero
+        else {}
+    )
+    trainer.strategy.barrier("lmdistill.export")  # every rank may use the export from here on
+    return summary
+
+
+def open_checkpoint(cfg: DictConfig, ckpt_path: str | None, export_dir: Path | None,
+                    view=None) -> tuple[dict | None, Resume | None, Path | None]:  # fmt: skip
+    """Seed, then load and check the checkpoint to resume (before anything is built: one line,
+    no Lightning banner). Returns (checkpoint, resume record, finished run's summary.json); all
+    None for a fresh run. `view(checkpoint)`: the checkpoint as `check_resume` judges it."""
+    out_dir = Path(cfg.paths.output_dir)
     if ckpt_path is None:
         check_fresh_output(out_dir, export_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # no "Seed set" line on stderr
-    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
-    resume = None
-    if checkpoint is not None:  # before anything is built: one line, no Lightning banner
-        check_world_size(checkpoint, configured_world_size(cfg), ckpt_path)
-        resume, finished = check_resume(checkpoint, cfg, ckpt_path)
-        if finished is not None:
-            return report_finished(finished) if is_first_rank() else {}
+    if ckpt_path is None:
+        return None, None, None
+    checkpoint = load_checkpoint(ckpt_path)
+    check_world_size(checkpoint, configured_world_size(cfg), ckpt_path)
+    resume, finished = check_resume(view(checkpoint) if view else checkpoint, cfg, ckpt_path)
+    if finished is None:
         check_fresh_output(out_dir, export_dir, resuming=True)
-    module, datamodule, trainer = build(cfg)
-    if checkpoint is not None:
-        check_checkpoint_matches(checkpoint, module, ckpt_path)
-        check_world_size(checkpoint, trainer.world_size, ckpt_path)
-        del checkpoint
+    return checkpoint, resume, finished
+
+
+def check_resumed_module(checkpoint: dict, module, trainer, ckpt_path: str) -> None:
+    """The checkpoint fits the built module and this run's rank count."""
+    check_checkpoint_matches(checkpoint, module, ckpt_path)
+    check_world_size(checkpoint, trainer.world_size, ckpt_path)
+
+
+def resume_records(resume: Resume | None) -> list[dict]:
+    """The checkpoints this training went through (recorded in summary and provenance)."""
+    return [*resume.history, resume.record()] if resume is not None else []
+
+
+def fit(cfg: DictConfig, key: str, module, datamodule, trainer, ckpt_path: str | None,
+        resume: Resume | None) -> list[dict]:  # fmt: skip
+    """Record the run, fit (from `ckpt_path`), write the final last.ckpt; returns the resume
+    records. A signal stops training with a checkpoint and exits (`safe_stop`)."""
+    out_dir = Path(cfg.paths.output_dir)
     trainer.callbacks.append(RecordConfig(cfg, resume))  # the config goes into every checkpoint
-    resumes = [*resume.history, resume.record()] if resume is not None else []
+    resumes = resume_records(resume)
     log.info(
         "rank %d of %d: config %s, pid %d on %s, CUDA_VISIBLE_DEVICES=%s, resuming from %s",
         trainer.global_rank, trainer.world_size, key, os.getpid(), socket.gethostname(),
@@ -155,13 +199,7 @@ def run(cfg: DictConfig) -> dict:
         trainer.save_checkpoint(final, weights_only=False)  # the full final state
     finally:
         finish_wandb(trainer)
-    summary = (
-        _export_and_summarize(cfg, module, trainer, export_dir, resumes)
-        if trainer.is_global_zero
-        else {}
-    )
-    trainer.strategy.barrier("lmdistill.export")  # every rank may use the export from here on
-    return summary
+    return resumes
 
 
 def check_fresh_output(out_dir: Path, export_dir: Path | None, resuming: bool = False) -> None:
@@ -175,13 +213,16 @@ def check_fresh_output(out_dir: Path, export_dir: Path | None, resuming: bool = 
         raise UserError(f"{summary} already exists; run in a fresh output directory")
 
 
-def _export_and_summarize(
-    cfg: DictConfig, module, trainer, export_dir: Path | None, resumes: list[dict]
-) -> dict:
-    """Rank 0: export the student, write summary.json; returns the summary.
+def export_and_summarize(
+    cfg: DictConfig, module, trainer, export_dir: Path | None, resumes: list[dict],
+    method: str | None = None, extra: dict | None = None,
+) -> dict:  # fmt: skip
+    """Rank 0: export the student, write summary.json into `paths.output_dir`; returns the
+    summary.
 
     `resumes`: the checkpoints this training went through, with the config changes allowed at
-    each (`resume.allow`); recorded in both.
+    each (`resume.allow`); recorded in both. `method`: the method's name in the summary (default:
+    the job's `method=` choice); `extra`: further summary keys (the teacher assistant's entry).
     """
     out_dir = Path(cfg.paths.output_dir)
     extras = {}
@@ -190,7 +231,8 @@ def _export_and_summarize(
             record = {**provenance(cfg, module, trainer), "resumes": resumes}
             export_student(module.student, cfg.data.tokenizer, export_dir, record)
             extras = module.export_extras(out_dir, cfg.data.tokenizer, record)  # ofa.export
-    summary = {**summarize(cfg, module, trainer, export_dir), **extras, "resumes": resumes}
+    summary = {**summarize(cfg, module, trainer, export_dir, method), **extras,
+               "resumes": resumes, **(extra or {})}  # fmt: skip
     write_json_atomic(out_dir / "summary.json", summary)
     log.info(
         "loss %.4f -> %.4f over %d steps; student: %s; summary: %s",
