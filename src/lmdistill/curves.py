@@ -1,7 +1,7 @@
 """Quality during distillation as a figure: `val/loss` and `val/stsb_spearman` against the step,
-one line per run (read from each run's logs/metrics.csv; a teacher-assistant run's stages are
-lines of their own). The teacher's probe figure, logged once, is a dotted line of the run's
-colour. `lmdistill-report` draws it as quality_curves.png.
+one line per run (read from each run's logs/metrics.csv; a teacher-assistant run's stage 1,
+`assistant/val/...`, is a line of its own). The teacher's probe figure, logged once, is a dotted
+line of the run's colour. `lmdistill-report` draws it as quality_curves.png.
 """
 
 from __future__ import annotations
@@ -11,23 +11,14 @@ from pathlib import Path
 
 import matplotlib
 
+from lmdistill.methods.assistant_chain import ASSISTANT_PREFIX
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 
 PANELS = (("val/loss", "held-out loss (val/loss)"),
           ("val/stsb_spearman", "STS-B Spearman (val/stsb_spearman)"))  # fmt: skip
 TEACHER = "val/stsb_spearman_teacher"
-
-
-def metrics_files(run_dir: str | Path) -> list[tuple[str, Path]]:
-    """(label, metrics.csv) of a run: its logs/, else each stage's (`stage*/logs/`)."""
-    run_dir = Path(run_dir)
-    own = run_dir / "logs" / "metrics.csv"
-    if own.is_file():
-        return [(run_dir.name, own)]
-    return [
-        (f"{run_dir.name}/{p.parts[-3]}", p) for p in sorted(run_dir.glob("*/logs/metrics.csv"))
-    ]
 
 
 def read_series(
@@ -45,11 +36,18 @@ def read_series(
 
 
 def quality_series(run_dirs: list[str | Path]) -> dict[str, dict]:
-    """{run label: {name: (steps, values)}} of the runs that logged a validation figure."""
+    """{run label: {name: (steps, values)}} of the runs that logged a validation figure; a
+    teacher-assistant run's stage 1 (`assistant/val/...`) is a line of its own."""
+    names = (*(name for name, _ in PANELS), TEACHER)
     found = {}
-    for run_dir in run_dirs:
-        for label, path in metrics_files(run_dir):
-            series = read_series(path, (*(name for name, _ in PANELS), TEACHER))
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "logs" / "metrics.csv"
+        if not path.is_file():
+            continue
+        stages = {f"{run_dir.name}/assistant": ASSISTANT_PREFIX, run_dir.name: ""}
+        for label, prefix in stages.items():
+            series = read_series(path, tuple(prefix + name for name in names))
+            series = {name: series[prefix + name] for name in names}
             if any(series[name][0] for name, _ in PANELS):
                 found[label] = series
     return found
