@@ -210,6 +210,7 @@ class Bench:
         rec["student"] = s.get("student")
         rec["relation_site"] = s.get("relation_site")
         rec["val_curve"] = val_curve(run_dir / "logs" / "metrics.csv")
+        rec["stsb_probe_teacher"] = s.get("val_stsb_spearman_teacher")
         return rec
 
 
@@ -244,30 +245,37 @@ def tables(result: dict) -> str:
                  fmt(row.get("gflops"), 2)]  # fmt: skip
         for t in tasks:
             s = row["scores"].get(t)
-            cells.append(f"{100 * s['score']:.1f} ({s['lr']:g})" if s else "")
+            lr = (
+                f" ({s['lr']:.0e})".replace("e-0", "e-")
+                if len(row["scores"][t]["grid"]) > 1
+                else ""
+            )
+            cells.append(f"{100 * s['score']:.1f}{lr}" if s else "")
         avg = row["average"]
         cells.append(fmt(None if avg is None else 100 * avg))
         share = None if avg is None or not teacher_avg else 100 * avg / teacher_avg
         cells.append(fmt(share, 0) + "%" if share is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Dev scores x100, best over lr (in brackets) of the grid; CoLA Matthews, STS-B "
+    lines.append("Dev scores x100 (with a grid: the best over the learning rates, in brackets); CoLA Matthews, STS-B "
                  "mean of Pearson and Spearman, MRPC mean of F1 and accuracy, else accuracy.")  # fmt: skip
     lines.append("")
     dhead = ["student", "relation site", "steps", "real tokens", "tokens/s", "loss first",
              "loss last", "held-out loss (first -> last)", "STS-B probe (first -> last)",
-             "wall"]  # fmt: skip
+             "training time"]  # fmt: skip
     lines += ["| " + " | ".join(dhead) + " |", "|" + "---|" * len(dhead)]
     for key, d in result["distill"].items():
         vc = d["val_curve"]
         vl = f"{vc[0]['val_loss']:.3f} -> {vc[-1]['val_loss']:.3f}" if vc else fmt(d["val_loss"], 3)
         sp = (f"{vc[0].get('stsb_spearman', float('nan')):.3f} -> "
               f"{vc[-1].get('stsb_spearman', float('nan')):.3f}") if vc else ""  # fmt: skip
+        if d.get("stsb_probe_teacher") is not None:
+            sp += f" (teacher {d['stsb_probe_teacher']:.3f})"
         lines.append("| " + " | ".join([
             STUDENTS[key][0], str(d["relation_site"]), str(d["steps"]),
             f"{d['tokens_seen']:,.0f}", f"{d['tokens_per_second']:,.0f}",
             fmt(d["loss_first"], 3), fmt(d["final_loss"], 3), vl, sp,
-            f"{result['timings'].get(f'distill {key}', 0) / 60:.1f} min",
+            f"{d['tokens_seen'] / d['tokens_per_second'] / 60:.1f} min",
         ]) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -286,7 +294,8 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", choices=list(TASK_NAMES), default=None,
                    help="override the budget's tasks")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run")
-    p.add_argument("--num-workers", type=int, default=1, help="data.num_workers of distillation")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data.num_workers of distillation (default: gpu 4, else 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=776)
     p.add_argument("--skip-teacher", action="store_true", help="no teacher row (not for tables)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -298,6 +307,8 @@ def main() -> None:
         args.out = str(
             ROOT / "outputs" / "bench" / "quality" / f"{dt.datetime.now():%Y%m%d-%H%M%S}"
         )
+    if args.num_workers is None:
+        args.num_workers = 4 if args.budget == "gpu" else 1
     bench = Bench(args)
     if not args.dry_run:
         bench.out.mkdir(parents=True, exist_ok=True)
@@ -367,8 +378,8 @@ def main() -> None:
     (bench.out / "quality.md").write_text(md)
     print()
     print(md)
-    bench.log(f"wall {result['wall_s'] / 60:.1f} min this invocation (steps run now: "
-              f"{sum(bench.timings.values()) / 60:.1f} min); tables in {bench.out}/quality.md")  # fmt: skip
+    bench.log(f"wall {result['wall_s'] / 60:.1f} min this invocation (steps run: "
+              f"{sum(bench.timings.values()) / 60:.1f} min, all invocations into this --out); tables in {bench.out}/quality.md")  # fmt: skip
 
 
 if __name__ == "__main__":
