@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib
 
+from lmdistill.glue.plots import save_figure
 from lmdistill.methods.assistant_chain import ASSISTANT_PREFIX
 
 matplotlib.use("Agg")
@@ -73,9 +74,4 @@ def plot_quality_curves(run_dirs: list[str | Path], out_path: str | Path) -> Pat
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", transform=ax.transAxes)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)

@@ -260,21 +260,21 @@ class PretrainingDataModule(L.LightningDataModule):
     def train_dataset(self, epoch: int = 0) -> SegmentPairStream:
         self.setup()
         rank, world = self._rank_world()
+        return self._pair_stream(
+            spec=self.spec, shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank,
+            world_size=world, epoch=epoch, cache=self.cache, holdout=self.holdout,
+        )  # fmt: skip
+
+    def _pair_stream(self, **settings) -> SegmentPairStream:
+        """Segment pairs of this corpus's tokenizer and format, with the part-specific `settings`."""
         return SegmentPairStream(
-            spec=self.spec,
             tokenizer=self.tokenizer_name,
             template=self.template,
             document_format=self.document_format,
             text_field=self.text_field,
             max_seq_length=self.max_seq_length,
             short_seq_prob=self.short_seq_prob,
-            shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-            epoch=epoch,
-            cache=self.cache,
-            holdout=self.holdout,
+            **settings,
         )
 
     @property
@@ -285,14 +285,8 @@ class PretrainingDataModule(L.LightningDataModule):
     def validation_dataset(self) -> SegmentPairStream:
         """The held-out documents' pairs, in document order, from a fixed seed (validation.py)."""
         self.setup()
-        return SegmentPairStream(
+        return self._pair_stream(
             spec=self.val_spec,
-            tokenizer=self.tokenizer_name,
-            template=self.template,
-            document_format=self.document_format,
-            text_field=self.text_field,
-            max_seq_length=self.max_seq_length,
-            short_seq_prob=self.short_seq_prob,
             shuffle_buffer=0,
             seed=validation.VALIDATION_SEED,
             cache=self.val_cache,

@@ -59,7 +59,7 @@ def score_vs_gflops_figure(rows: list[Row]):
 
 
 def score_vs_gflops(rows: list[Row], path: str | Path) -> Path:
-    return _save(score_vs_gflops_figure(rows), path)
+    return save_figure(score_vs_gflops_figure(rows), path)
 
 
 def loss_curves_figure(rows: list[Row]):
@@ -95,10 +95,11 @@ def loss_curves_figure(rows: list[Row]):
 
 
 def loss_curves(rows: list[Row], path: str | Path) -> Path:
-    return _save(loss_curves_figure(rows), path)
+    return save_figure(loss_curves_figure(rows), path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG (creating the folder) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
