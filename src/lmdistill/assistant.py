@@ -58,13 +58,7 @@ from lmdistill.pipeline import (
     resume_records,
 )
 from lmdistill.resources import CONF_DIR
-from lmdistill.resume import (
-    _allowed_keys,
-    _is_allowed,
-    _refusal,
-    config_differences,
-    report_finished,
-)
+from lmdistill.resume import check_allowed, config_differences, report_finished
 from lmdistill.runs import KEY_PARTS, config_key, previous_checkpoint, resolve_ckpt_path
 
 log = logging.getLogger("lmdistill")
@@ -312,11 +306,7 @@ def _check_assistant_unchanged(recorded: dict, cfg: DictConfig, path: str, resum
     differ (the chain itself, its switch step and cache entry, stays the checkpoint's)."""
     differences = config_differences(recorded.get("assistant"), _assistant_settings(cfg),
                                      "assistant")  # fmt: skip
-    allow = _allowed_keys(cfg)
-    refused = {k: v for k, v in differences.items() if not _is_allowed(k, allow)}
-    if refused:
-        raise UserError(_refusal(path, refused))
-    resume.allowed.update(differences)
+    resume.allowed.update(check_allowed(differences, cfg, path))
 
 
 def _assistant_settings(cfg: DictConfig) -> dict:

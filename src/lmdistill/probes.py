@@ -68,12 +68,9 @@ def load_probe_data(path: str | Path, tokenizer, max_seq_length: int, batch_size
     batches = []
     for start in range(0, len(order), batch_size):
         rows = [encoded[i] for i in order[start : start + batch_size]]
-        ids = torch.full((len(rows), len(rows[-1])), tokenizer.pad_token_id)  # [b, l]: longest last
-        mask = torch.zeros_like(ids)  # [b, l]
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask,
+        padded = tokenizer.pad({"input_ids": rows}, return_tensors="pt")  # [b, l]: longest last
+        ids = padded["input_ids"]
+        batches.append({"input_ids": ids, "attention_mask": padded["attention_mask"],
                         "token_type_ids": torch.zeros_like(ids)})  # fmt: skip
     return ProbeData(
         batches=batches,

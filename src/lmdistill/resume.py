@@ -82,7 +82,6 @@ def check_resume(checkpoint: dict, cfg: DictConfig, path: str | Path) -> tuple[R
     """
     step = int(checkpoint.get("global_step", 0))
     recorded = checkpoint.get(CONFIG_KEY)
-    allow = _allowed_keys(cfg)
     if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
         log.warning(
             "checkpoint %s records no config (an earlier lmdistill wrote it): whether it was "
@@ -92,14 +91,23 @@ def check_resume(checkpoint: dict, cfg: DictConfig, path: str | Path) -> tuple[R
         )
         resume = Resume(str(path), step, config_checked=False)
     else:
-        differences = config_differences(recorded["config"], _plain(training_config(cfg)))
-        refused = {k: v for k, v in differences.items() if not _is_allowed(k, allow)}
-        if refused:
-            raise UserError(_refusal(path, refused))
+        differences = check_allowed(
+            config_differences(recorded["config"], _plain(training_config(cfg))), cfg, path
+        )
         resume = Resume(str(path), step, True, differences, list(recorded.get("resumes") or []))
         if differences:
             log.warning("resuming %s with allowed changes: %s", path, _describe(differences))
     return resume, _finished(resume, cfg)
+
+
+def check_allowed(differences: dict[str, list], cfg: DictConfig, path: str | Path) -> dict:
+    """Refuse (one line) the `differences` from checkpoint `path` that `resume.allow` does not
+    name; returns them all (each allowed)."""
+    allow = _allowed_keys(cfg)
+    refused = {k: v for k, v in differences.items() if not _is_allowed(k, allow)}
+    if refused:
+        raise UserError(_refusal(path, refused))
+    return differences
 
 
 def _finished(resume: Resume, cfg: DictConfig) -> Path | None:
