@@ -40,7 +40,8 @@ def workdir(tmp_path_factory, cache_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def main_run(workdir, cache_dir) -> Path:
-    """30 steps at a high learning rate with the CSV and TensorBoard loggers."""
+    """30 steps at a high learning rate with the CSV and TensorBoard loggers, a checkpoint at
+    every step (it must not take the step's figures from the logs)."""
     out = workdir / "main"
     check_ok(
         run_cli(
@@ -50,6 +51,7 @@ def main_run(workdir, cache_dir) -> Path:
                 f"trainer.max_steps={MAIN_STEPS}",
                 "optim.lr=3e-3",
                 "logger=[csv,tensorboard]",
+                "callbacks.model_checkpoint.every_n_train_steps=1",
                 f"hydra.run.dir={out}",
             ],  # fmt: skip
             workdir,

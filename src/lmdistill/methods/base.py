@@ -215,9 +215,7 @@ class DistillationMethod(L.LightningModule):
                 logger.log_metrics(metrics, step=self.global_step - 1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.meter.pending:
-            self.records.flush(self._trainer)  # exact counts in the checkpoint
-        checkpoint["lmdistill"] = self.records.state_dict(self._world_size)
+        checkpoint["lmdistill"] = self.records.state_dict(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.records.load_state_dict(checkpoint.get("lmdistill", {}), self.trainer.global_rank)
@@ -250,10 +248,6 @@ class DistillationMethod(L.LightningModule):
     def tokens_per_second(self) -> float:
         """Mean training throughput of this run (real tokens of all ranks per second)."""
         return self.meter.tokens_per_second
-
-    @property
-    def _world_size(self) -> int:
-        return self._trainer.world_size if self._trainer is not None else 1
 
 
 _SDPA_MASK_MODELS = (

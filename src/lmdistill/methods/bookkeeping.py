@@ -47,16 +47,14 @@ class StepRecords:
     def end_step(self, optimizer, max_norm: float | None, scaler) -> None:
         """Clip, skip a non-finite update on the device, and count the step."""
         skipped = clip_and_guard(optimizer, max_norm, self._step_nonfinite, scaler)
-        self.meter.add_step(self._step_loss / self.micro_batches, skipped, self._last_terms)
+        loss = self._step_loss if self.micro_batches == 1 else self._step_loss / self.micro_batches
+        self.meter.add_step(loss, skipped, self._last_terms)
         self.micro_batches = 0
 
     def flush(self, trainer, batch_size: int | None = None) -> dict:
         """Reduce and read the interval's figures (the one host read); stop on diverging losses."""
         world = trainer.world_size if trainer is not None else 1
-        reduce = None
-        if world > 1:
-            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        interval = self.meter.flush(reduce)
+        interval = self.meter.flush(_sum_over_ranks(trainer))
         metrics = {"train/tokens_seen": float(self.meter.tokens_seen)}
         if interval.get("loss") is not None:
             metrics["train/loss"] = interval["loss"]
@@ -83,11 +81,11 @@ class StepRecords:
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         return metrics
 
-    def state_dict(self, world_size: int) -> dict:
-        """Exact counts (flush first) and every rank's RNG states (gathered: a collective)."""
+    def state_dict(self, trainer) -> dict:
+        """Exact counts and every rank's RNG states (collectives: every rank calls this)."""
         return {
-            **self.meter.state_dict(),
-            "world_size": world_size,
+            **self.meter.state_dict(_sum_over_ranks(trainer)),
+            "world_size": trainer.world_size if trainer is not None else 1,
             "rng": gather_from_ranks(rng_states()),  # [rank]: every rank's dropout resumes exactly
         }
 
@@ -104,6 +102,13 @@ class StepRecords:
         if self.rng_to_restore is not None:
             set_rng_states(self.rng_to_restore)
             self.rng_to_restore = None
+
+
+def _sum_over_ranks(trainer):
+    """`reduce(tensor) -> tensor summed over DDP ranks`, or None on one process."""
+    if trainer is None or trainer.world_size == 1:
+        return None
+    return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
 
 
 def rng_states() -> dict:

@@ -1,22 +1,24 @@
 """Training bookkeeping that never stops the device: counters live on it, read once per interval.
 
-A GPU runs ahead of the host as long as nothing reads a tensor's value. Everything a step records
-(loss sums, skipped steps, the longest run of non-finite steps) is accumulated in device tensors;
-the real-token count of each batch is a host int, known before the batch is transferred.
-`flush()` reduces over DDP ranks with one all-reduce and reads everything with one `.tolist()`:
-the only host synchronisation, once per logging interval.
+A GPU runs ahead of the host as long as nothing reads a tensor's value. A step records one
+device row (its loss and loss terms, one `stack`) and its skip flag; the real-token count of each
+batch is a host int, known before the batch is transferred. `flush()` sums the interval's rows,
+reduces the sums over DDP ranks with one all-reduce and reads everything with one `.tolist()`:
+the only host synchronisation, once per logging interval. The runs of skipped steps, the first
+loss and the last losses are then counted on the host from the values read.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
 import torch
 
-# Positions in the vector that `flush()` all-reduces and reads; the loss terms' sums follow.
-_TOKENS, _LOSS_SUM, _LOSS_COUNT, _NONFINITE, _WORST_RUN = range(5)
-_FIXED = 5
+# Positions in the vector that `flush()` all-reduces; the loss terms' sums follow.
+_TOKENS, _LOSS_SUM, _LOSS_COUNT, _NONFINITE = range(4)
+_FIXED = 4
 
 
 class TrainingMeter:
@@ -28,15 +30,15 @@ class TrainingMeter:
         self.loss_first: float | None = None
         self.run_tokens = 0  # timed tokens and seconds of this process (start-up excluded)
         self.run_seconds = 0.0
-        self._recent: deque[torch.Tensor] = deque(maxlen=10)  # last losses, detached (no sync)
-        self._first: torch.Tensor | None = None
+        self._recent: deque[float] = deque(maxlen=10)  # last flushed losses, NaN where skipped
         self._pending_tokens = 0  # this rank's real tokens since the last flush (host int)
-        self._acc: torch.Tensor | None = None  # [5 + terms] float64 on the device
-        self._terms: list[str] = []  # names of the loss terms, in their order in `_acc`
-        self._run = None  # [] current run of consecutive non-finite steps (device)
+        self._rows: list[torch.Tensor] = []  # per step since the last flush: [1 + terms] float32
+        self._skipped: list[torch.Tensor] = []  # per step since the last flush: [] bool
+        self._terms: list[str] | None = None  # names of the loss terms, in their order in a row
+        self._device = torch.device("cpu")  # of the rows
+        self._run = 0  # skipped steps in a row up to the last flush
         self._clock = time.perf_counter()  # reset by `start()`
         self._flushes = 0  # of this process: the first interval includes start-up
-        self._steps_since_flush = 0
 
     def start(self) -> None:
         """Start the clock (at the start of training)."""
@@ -51,24 +53,13 @@ class TrainingMeter:
     def add_step(self, loss: torch.Tensor, skipped: torch.Tensor, terms: dict) -> None:
         """One optimizer step: its loss, whether the update was skipped ([] bool), and the named
         loss terms ([] tensors) of its last micro-batch."""
-        loss = loss.detach().to(torch.float64)
-        if self._acc is None or list(terms) != self._terms:
-            self._terms = list(terms)
-            self._acc = torch.zeros(_FIXED + len(terms), dtype=torch.float64, device=loss.device)
-            self._run = torch.zeros((), dtype=torch.float64, device=loss.device)
-        if self._first is None and self.loss_first is None:
-            self._first = loss
-        kept = ~skipped
-        sums = torch.stack([loss, *(v.detach().to(torch.float64) for v in terms.values())])
-        sums = torch.where(kept, sums, 0.0)  # [1 + terms]
-        self._acc[_LOSS_SUM] += sums[0]
-        self._acc[_FIXED:] += sums[1:]
-        self._acc[_LOSS_COUNT] += kept
-        self._acc[_NONFINITE] += skipped
-        self._run = torch.where(skipped, self._run + 1, 0.0)
-        torch.maximum(self._acc[_WORST_RUN], self._run, out=self._acc[_WORST_RUN])
-        self._recent.append(torch.where(kept, loss, float("nan")))
-        self._steps_since_flush += 1
+        if self._rows and list(terms) != self._terms:
+            raise ValueError(f"loss terms changed from {self._terms} to {list(terms)} between "
+                             "two flushes of the meter")  # fmt: skip
+        self._terms, self._device = list(terms), loss.device
+        values = (loss, *terms.values())
+        self._rows.append(torch.stack([v.detach().float() for v in values]))  # [1 + terms]
+        self._skipped.append(skipped)
 
     # --- once per interval (one all-reduce, one host read) ------------------------------------
 
@@ -76,21 +67,21 @@ class TrainingMeter:
         """Reduce over ranks (`reduce(tensor) -> summed tensor`, or None), read, reset.
 
         Returns the interval's figures: tokens (all ranks), mean loss and mean terms (None if
-        every step was skipped), skipped steps, the longest run of consecutive skipped steps, tokens per second.
+        every step was skipped), skipped steps, the longest run of consecutive skipped steps,
+        tokens per second.
         """
-        if self._acc is None:
+        if self._terms is None:
             return {}
-        acc = self._acc.clone()
-        acc[_TOKENS] = self._pending_tokens
-        if reduce is not None:
-            worst = acc[_WORST_RUN].clone()  # equal on every rank: the gradients are all-reduced
-            acc = reduce(acc)
-            acc[_WORST_RUN] = worst
-        values = acc.tolist()  # the one host read
-        tokens, loss_sum, loss_count, nonfinite, worst_run = values[:_FIXED]
-        if self._first is not None:
-            self.loss_first = float(self._first)  # ready since the read above: no extra wait
-            self._first = None
+        tokens, loss_sum, loss_count, nonfinite, term_sums, step_skipped, step_losses = self._read(
+            reduce
+        )
+        worst_run = self._run
+        for flag, value in zip(step_skipped, step_losses, strict=True):
+            self._run = self._run + 1 if flag else 0
+            worst_run = max(worst_run, self._run)
+            self._recent.append(math.nan if flag else value)
+        if self.loss_first is None and step_losses:
+            self.loss_first = step_losses[0]
         now = time.perf_counter()
         seconds = now - self._clock
         if self._flushes:  # the first interval of a process includes start-up: not timed
@@ -101,18 +92,40 @@ class TrainingMeter:
         self.tokens_seen += int(tokens)
         self.nonfinite_steps += int(nonfinite)
         self._pending_tokens = 0
-        self._acc.zero_()
-        self._acc[_WORST_RUN] = self._run  # a run of skipped steps may go on into the next interval
-        self._steps_since_flush = 0
+        self._rows, self._skipped = [], []
         mean = (lambda total: total / loss_count) if loss_count else (lambda total: None)
         return {
             "tokens": int(tokens),
             "loss": mean(loss_sum),
-            "terms": {name: mean(v) for name, v in zip(self._terms, values[_FIXED:], strict=True)},
+            "terms": {name: mean(v) for name, v in zip(self._terms, term_sums, strict=True)},
             "nonfinite": int(nonfinite),
             "worst_run": int(worst_run),
             "tokens_per_second": tokens / seconds if seconds > 0 else None,
         }
+
+    def _read(self, reduce) -> tuple:
+        """The steps since the last flush: tokens, loss sum, kept and skipped steps and the terms'
+        sums (all ranks), with this rank's per-step skip flags and losses; one all-reduce, one
+        read."""
+        steps, n_terms = len(self._rows), len(self._terms)
+        acc = torch.zeros(_FIXED + n_terms, dtype=torch.float64, device=self._device)
+        losses = skipped = acc[:0]
+        if steps:
+            rows = torch.stack(self._rows).double()  # [steps, 1 + terms]
+            skipped = torch.stack(self._skipped)  # [steps] bool
+            kept = torch.where(skipped[:, None], 0.0, rows).sum(0)  # [1 + terms]
+            counts = torch.stack([(~skipped).sum(), skipped.sum()]).double()
+            acc = torch.cat([acc[:1], kept[:1], counts, kept[1:]])
+            losses, skipped = rows[:, 0], skipped.double()
+        acc[_TOKENS] = self._pending_tokens
+        if reduce is not None:
+            acc = reduce(acc)
+        values = torch.cat([acc, skipped, losses]).tolist()  # the one host read
+        tokens, loss_sum, loss_count, nonfinite = values[:_FIXED]
+        term_sums = values[_FIXED : _FIXED + n_terms]
+        step_skipped = values[_FIXED + n_terms : _FIXED + n_terms + steps]
+        step_losses = values[_FIXED + n_terms + steps :]
+        return tokens, loss_sum, loss_count, nonfinite, term_sums, step_skipped, step_losses
 
     @property
     def started(self) -> bool:
@@ -122,31 +135,38 @@ class TrainingMeter:
     @property
     def pending(self) -> bool:
         """Whether steps were taken since the last flush."""
-        return self._steps_since_flush > 0
+        return bool(self._rows)
 
     # --- results and checkpoints -----------------------------------------------------------------
 
     @property
     def final_loss(self) -> float | None:
         """Mean loss of the last 10 steps that were not skipped (a host read: call at the end)."""
-        if not self._recent:
-            return None
-        recent = torch.stack(list(self._recent))
-        recent = recent[torch.isfinite(recent)]
-        return float(recent.mean()) if recent.numel() else None
+        recent = list(self._recent)
+        if self._rows:  # not flushed yet
+            rows = torch.stack(self._rows)[:, 0].tolist()
+            skipped = torch.stack(self._skipped).tolist()
+            recent += [math.nan if s else v for v, s in zip(rows, skipped, strict=True)]
+        kept = [v for v in recent[-10:] if math.isfinite(v)]
+        return sum(kept) / len(kept) if kept else None
 
     @property
     def tokens_per_second(self) -> float:
         """Mean throughput of this process's run (real tokens of all ranks per second)."""
         return self.run_tokens / self.run_seconds if self.run_seconds else 0.0
 
-    def state_dict(self) -> dict:
-        """Plain numbers (loads with `weights_only=True`); flush first."""
-        return {
-            "tokens_seen": self.tokens_seen,
-            "loss_first": self.loss_first,
-            "nonfinite_steps": self.nonfinite_steps,
-        }
+    def state_dict(self, reduce=None) -> dict:
+        """Plain numbers (loads with `weights_only=True`), exact: the steps since the last flush
+        are counted in (an all-reduce and a read), and left to the next flush to log."""
+        state = {"tokens_seen": self.tokens_seen, "loss_first": self.loss_first,
+                 "nonfinite_steps": self.nonfinite_steps}  # fmt: skip
+        if self._rows:
+            tokens, _, _, nonfinite, _, _, losses = self._read(reduce)
+            state["tokens_seen"] += int(tokens)
+            state["nonfinite_steps"] += int(nonfinite)
+            if state["loss_first"] is None:
+                state["loss_first"] = losses[0]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.tokens_seen = int(state.get("tokens_seen", 0))
