@@ -52,6 +52,15 @@ def tiny_sweep(tmp_path_factory, cache_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def assistant_runs(tmp_path_factory) -> dict:
+    """The teacher-assistant CLI runs (tests/assistant_runs.py), made once for
+    tests/test_assistant.py and tests/test_assistant_chain.py: {name: run directory}."""
+    from assistant_runs import make_runs
+
+    return make_runs(tmp_path_factory.mktemp("assistant"))
+
+
 @pytest.fixture
 def padded_batch():
     """A [3, 12] batch of real token ids with right padding of different lengths."""
