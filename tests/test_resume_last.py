@@ -57,3 +57,31 @@ def test_ckpt_path_last_without_an_earlier_run_is_a_user_error(tmp_path):
     assert lines == [lines[0]] and lines[0].startswith(
         "lmdistill: error: ckpt_path=last found no earlier run"
     )
+
+
+def test_launched_ddp_ranks_resume_from_rank_0s_checkpoint_not_the_index(tmp_path):
+    """Rank 0 records its new run in the index before Lightning launches the other ranks, which
+    run the command again: they must resume from rank 0's checkpoint, not from the index."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from lmdistill.errors import UserError
+    from lmdistill.runs import HANDOFF_ENV, handed_to_launched_ranks, record_run, resolve_ckpt_path
+
+    cache, first, second = tmp_path / "cache", tmp_path / "first", tmp_path / "second"
+    (first / "checkpoints").mkdir(parents=True)
+    (first / "checkpoints" / "last.ckpt").write_bytes(b"")
+    cfg = OmegaConf.create({"ckpt_path": "last",
+                            "paths": {"cache_dir": str(cache), "output_dir": str(second)}})  # fmt: skip
+    record_run(cache, "key", first)
+    rank0 = resolve_ckpt_path(cfg, "key")
+    assert rank0 == str((first / "checkpoints" / "last.ckpt").resolve())
+    record_run(cache, "key", second)  # rank 0's `fit`, before the other ranks start
+    with pytest.raises(UserError, match="ckpt_path=last found no earlier run"):
+        resolve_ckpt_path(cfg, "key")  # what a launched rank found without the hand-off
+    with handed_to_launched_ranks("key", second, rank0):
+        assert resolve_ckpt_path(cfg, "key") == rank0
+        other_job = OmegaConf.merge(cfg, {"paths": {"output_dir": str(tmp_path / "third")}})
+        with pytest.raises(UserError):
+            resolve_ckpt_path(other_job, "key")  # only the job rank 0 runs is handed over
+    assert HANDOFF_ENV not in os.environ

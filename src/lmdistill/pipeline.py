@@ -30,7 +30,13 @@ from lmdistill.models import export_student
 from lmdistill.models.describe import describe_student
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resume import RecordConfig, Resume, check_resume, report_finished
-from lmdistill.runs import config_key, record_run, resolve_ckpt_path, write_job_record
+from lmdistill.runs import (
+    config_key,
+    handed_to_launched_ranks,
+    record_run,
+    resolve_ckpt_path,
+    write_job_record,
+)
 from lmdistill.safe_stop import EXIT_SIGNALLED, CheckpointOnStop
 from lmdistill.tracking import finish_wandb
 
@@ -192,7 +198,8 @@ def fit(cfg: DictConfig, key: str, module, datamodule, trainer, ckpt_path: str |
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "resumes": resumes})
     try:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            with handed_to_launched_ranks(key, out_dir, ckpt_path):  # DDP ranks resume alike
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:
             _exit_after_signal(trainer)
         final = out_dir / "checkpoints" / "last.ckpt"

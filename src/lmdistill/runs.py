@@ -4,6 +4,8 @@ A run's key is a hash of the parts of its resolved config that decide what it tr
 student, method, data, optimizer, trainer, seed); output paths, loggers, callbacks and Hydra's
 own settings are left out. `paths.cache_dir/runs/<key>.json` remembers the newest output
 directory of each key, so `ckpt_path=last` (and teacher-assistant stages) can continue it.
+While rank 0 fits, the DDP ranks it launches (they run the job's command again) take rank 0's
+checkpoint from their environment (`handed_to_launched_ranks`): by then the index names this run.
 
 The job's record (Hydra's `.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`) is written here,
 not by Hydra (`hydra.output_subdir: null`): Hydra writes it before the application starts, so a
@@ -17,6 +19,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +30,7 @@ from lmdistill.io import open_atomic, write_json_atomic
 
 KEY_PARTS = ("teacher", "student", "method", "data", "optim", "trainer", "seed")
 LAST = "last"
+HANDOFF_ENV = "LMDISTILL_RESUMING_FROM"  # rank 0's checkpoint, for the ranks it launches
 
 
 def training_config(cfg: DictConfig, parts: tuple[str, ...] = KEY_PARTS) -> dict:
@@ -77,6 +82,9 @@ def resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
     Without `ckpt_path`, a run whose output directory already holds `checkpoints/last.ckpt` (a
     requeued SLURM job, a run restarted in place) continues from it instead of overwriting it.
     """
+    handed = _handed_ckpt_path(key, cfg.paths.output_dir)
+    if handed is not None:
+        return handed["ckpt_path"]
     if cfg.ckpt_path is None:
         own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         return str(own) if own.is_file() else None
@@ -89,6 +97,28 @@ def resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
             "run without ckpt_path, or pass the checkpoint file itself"
         )
     return str(checkpoint)
+
+
+@contextmanager
+def handed_to_launched_ranks(key: str, output_dir: str | Path, ckpt_path: str | None):
+    """Around rank 0's `trainer.fit`: the ranks Lightning launches inherit the environment, and
+    resume from `ckpt_path` whatever the index says by the time they resolve theirs."""
+    run = {"run": key, "output_dir": str(Path(output_dir).resolve())}
+    os.environ[HANDOFF_ENV] = json.dumps({**run, "ckpt_path": ckpt_path})
+    try:
+        yield
+    finally:
+        os.environ.pop(HANDOFF_ENV, None)
+
+
+def _handed_ckpt_path(key: str, output_dir: str | Path) -> dict | None:
+    """{"ckpt_path": ...} that rank 0 handed to this job (same run key and output directory)."""
+    handed = os.environ.get(HANDOFF_ENV)
+    if not handed:
+        return None
+    handed = json.loads(handed)
+    same = (handed["run"], handed["output_dir"]) == (key, str(Path(output_dir).resolve()))
+    return handed if same else None
 
 
 _job: list[tuple[DictConfig, DictConfig]] = []  # (task config, Hydra config) of the current job
