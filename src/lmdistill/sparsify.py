@@ -76,6 +76,11 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"unknown loss {cfg.loss!r}; use auto, {', '.join(LOSSES)}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise UserError(f"seed={cfg.seed!r} must be an integer; e.g. seed=776")
+    if cfg.data.get("val_batches"):
+        raise UserError(
+            f"data.val_batches={cfg.data.val_batches}: lmdistill-sparsify does not validate (the "
+            "importance reads the whole corpus); remove data.val_batches"
+        )
     if cfg.get("sparsity") is not None:
         from lmdistill.sparse.schedule import prune_percent
 

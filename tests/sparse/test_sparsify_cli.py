@@ -117,7 +117,10 @@ def test_errors_before_anything_is_written(work, sparsified, tmp_path):
     with pytest.raises(UserError, match="already a sliced sparse model"):
         sliced = f"teacher.name_or_path={sparsified / 'sparse-s50'}"
         run(_compose([*COMMON, corpus, sliced, f"paths.output_dir={tmp_path / 's'}"]))
-    assert not (tmp_path / "mlm").exists()
+    with pytest.raises(UserError, match="lmdistill-sparsify does not validate"):
+        run(_compose([*COMMON, corpus, "data.val_batches=2", f"paths.output_dir={tmp_path / 'v'}"]))
+    assert _compose([*COMMON, corpus]).data.val_batches == 0  # no document held out of the sample
+    assert not (tmp_path / "mlm").exists() and not (tmp_path / "v").exists()
 
 
 def test_resume_equals_an_uninterrupted_run(work, tmp_path, monkeypatch, tiny_teacher_dir):
