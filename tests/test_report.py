@@ -358,3 +358,21 @@ def test_notebook_extra_is_optional():
     )
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert "notebook" not in makefile  # `make install` stays lean
+
+
+def test_a_teacher_assistant_run_names_its_original_teacher_and_the_assistant(tmp_path):
+    """Stage 2 was taught by the assistant's export (its `teacher`); the row names the teacher
+    the chain started from and the assistant's shape instead."""
+    run = tmp_path / "ta"
+    _distill_run(run, "minilm_v2", 3, 1.2, [2.0, 1.0], teacher="/cache/assistants/k1/student")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["assistant"] = {"export_dir": "/cache/assistants/k1/student", "summary": {
+        "teacher": {"name_or_path": "/hub/bert-base-uncased"},
+        "student": {"num_hidden_layers": 12, "hidden_size": 384},
+    }}  # fmt: skip
+    _write(run / "summary.json", summary)
+    (row,) = build_rows(*collect([tmp_path]))
+    assert row.teacher == "/hub/bert-base-uncased via TA 12x384"
+    line = next(x for x in to_markdown([row]).splitlines() if x.startswith("| ta "))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:4] == ["minilm_v2", "bert-base-uncased via TA 12x384", "3x384"]

@@ -258,7 +258,7 @@ def build_rows(summaries: dict[Path, dict], results: list[dict]) -> list[Row]:
                 rows[key] = Row(
                     model=str(res["model"]),
                     method=name if init == "pretrained" else f"{name} (random init)",
-                    teacher=summary["teacher"]["name_or_path"] if summary else "-",
+                    teacher=teacher_name(summary) if summary else "-",
                     shape=_shape(shape),
                     params=shape.get("params"),
                     gflops=shape.get("gflops"),
@@ -308,15 +308,24 @@ def _name_runs(rows: list[Row]) -> None:
         r.run = name if names.count(name) == 1 else f"{name} #{seen[name]}"
 
 
+def teacher_name(summary: dict) -> str:
+    """A run's teacher; a teacher-assistant run's is the original teacher and the assistant's
+    shape (`<teacher> via TA 6x384`), not the assistant's export directory that taught stage 2."""
+    teacher = summary.get("teacher", {})
+    name = str(teacher.get("name_or_path", "?")) if isinstance(teacher, dict) else str(teacher)
+    assistant = summary.get("assistant")
+    first = assistant.get("summary") if isinstance(assistant, dict) else None
+    if isinstance(first, dict):
+        name = f"{teacher_name(first)} via TA {_shape(first.get('student', {}))}"
+    return name
+
+
 def _row_from_summary(run_dir: Path, summary: dict, model: str) -> Row:
     student = summary.get("student", {})
-    teacher = summary.get("teacher", {})
     return Row(
         model=model,
         method=str(summary.get("method", "?")),
-        teacher=str(teacher.get("name_or_path", "?"))
-        if isinstance(teacher, dict)
-        else str(teacher),
+        teacher=teacher_name(summary),
         shape=_shape(student),
         params=student.get("params"),
         gflops=student.get("gflops"),
