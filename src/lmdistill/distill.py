@@ -26,6 +26,7 @@ from lmdistill.glue.attached import evaluate_run
 from lmdistill.pipeline import build, run
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.runs import remember_job
+from lmdistill.tracking import finish_job_wandb_run
 
 register_resolvers()
 # Deprecation notices raised inside torchdata and Lightning themselves; nothing for users to act on.
@@ -40,12 +41,15 @@ __all__ = ["build", "main", "run"]
 def main(cfg: DictConfig) -> None:
     remember_job(cfg)  # its .hydra/ record is written once the checks pass (runs.write_job_record)
     with job_scope("lmdistill.distill"):  # the next job of a sweep starts with a clean process
-        if cfg.get("assistant") is not None:
-            summary = run_with_assistant(cfg)
-        else:
-            summary = run(cfg)
-        if summary and cfg.get("eval") is not None:  # global rank 0, after the export barrier
-            evaluate_run(cfg, summary)
+        try:
+            if cfg.get("assistant") is not None:
+                summary = run_with_assistant(cfg)
+            else:
+                summary = run(cfg)
+            if summary and cfg.get("eval") is not None:  # global rank 0, after the export barrier
+                evaluate_run(cfg, summary)
+        finally:
+            finish_job_wandb_run()  # with the GLUE scores in its summary
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from lmdistill.runs import (
     write_job_record,
 )
 from lmdistill.safe_stop import EXIT_SIGNALLED, CheckpointOnStop
-from lmdistill.tracking import finish_wandb
 
 log = logging.getLogger("lmdistill")
 
@@ -196,16 +195,13 @@ def fit(cfg: DictConfig, key: str, module, datamodule, trainer, ckpt_path: str |
     record_run(cfg.paths.cache_dir, key, out_dir)  # `ckpt_path=last` of a later run finds it
     for logger in trainer.loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "resumes": resumes})
-    try:
-        try:
-            with handed_to_launched_ranks(key, out_dir, ckpt_path):  # DDP ranks resume alike
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except SIGTERMException:
-            _exit_after_signal(trainer)
-        final = out_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(final, weights_only=False)  # the full final state
-    finally:
-        finish_wandb(trainer)
+    try:  # the job's W&B run stays open for its GLUE scores: `distill.main` closes it
+        with handed_to_launched_ranks(key, out_dir, ckpt_path):  # DDP ranks resume alike
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        _exit_after_signal(trainer)
+    final = out_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(final, weights_only=False)  # the full final state
     return resumes
 
 

@@ -21,12 +21,13 @@ EVAL = ["eval=glue", "eval.tasks=[stsb,rte]", "eval.lrs=[1e-4,3e-5]", "eval.epoc
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, cache_dir):
-    """One tiny distillation (2 steps) with GLUE attached: (work dir, run dir, CLI args)."""
+    """One tiny distillation (2 steps) with GLUE attached, logged to W&B (offline): (work dir,
+    run dir, CLI args)."""
     work = tmp_path_factory.mktemp("attached")
     corpus = write_corpus(work / "corpus.txt")
     glue = write_glue(work / "glue", rows=8)
     run = work / "run"
-    args = [*TINY, f"data.paths=[{corpus}]", "trainer.max_steps=2", *EVAL,
+    args = [*TINY, f"data.paths=[{corpus}]", "trainer.max_steps=2", *EVAL, "logger=[csv,wandb]",
             f"eval.glue_dir={glue}", f"hydra.run.dir={run}"]  # fmt: skip
     check_ok(run_cli(args, work, cache_dir))
     return work, run, args
@@ -64,6 +65,20 @@ def test_summary_holds_the_best_score_of_the_grid(evaluated):
     assert stsb[0] != stsb[1]  # the two learning rates differ: the best is a real choice
     tasks = [summary["glue"][t]["score"] for t in ("stsb", "rte")]
     assert summary["glue"]["average"] == pytest.approx(sum(tasks) / 2)
+
+
+def test_the_jobs_wandb_run_gets_the_scores(evaluated):
+    from wandb_offline import history_keys, read_offline_summary
+
+    _, run, _ = evaluated
+    glue = _read(run / "summary.json")["glue"]
+    first = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))[0]  # the distillation's own run
+    logged = read_offline_summary(first)
+    assert {k: v for k, v in logged.items() if k.startswith("glue/")} == {
+        "glue/stsb": glue["stsb"]["score"], "glue/rte": glue["rte"]["score"],
+        "glue/average": glue["average"],
+    }  # fmt: skip
+    assert "train/loss" in history_keys(first)  # the distillation's own run
 
 
 def test_report_shows_the_scores_beside_the_run(evaluated):

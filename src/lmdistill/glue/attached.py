@@ -11,6 +11,7 @@ A task's score is the best dev score over the grid (a point's score: its best or
 job's own process (a sweep job fine-tunes on its own GPU), on the distillation's accelerator with
 one device. A point whose results.json holds the same settings is read, not trained again (a
 restarted job resumes its evaluation); one holding other settings, or older than the model, is refused, never overwritten.
+The scores also go into the summary of the job's W&B run, if it logs to one (`wandb_scores`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lmdistill.finetune import FinetuneSettings, finetune
 from lmdistill.glue.tasks import TaskSpec, get_task
 from lmdistill.hardware import resolve_precision
 from lmdistill.io import write_json_atomic
+from lmdistill.tracking import update_wandb_summary
 
 log = logging.getLogger("lmdistill")
 
@@ -58,7 +60,19 @@ def evaluate_run(cfg: DictConfig, summary: dict) -> dict:
         )  # fmt: skip
     write_json_atomic(out_dir / "summary.json", summary)
     log.info("GLUE scores written to %s", out_dir / "summary.json")
+    update_wandb_summary(wandb_scores(summary))
     return summary
+
+
+def wandb_scores(summary: dict) -> dict:
+    """`glue/<task>` and `glue/average` (dev scores, fractions), `assistant/glue/...` for a
+    teacher assistant: the summary keys of the job's W&B run."""
+    scores = {f"glue/{task}": v if task == "average" else v["score"]
+              for task, v in summary["glue"].items()}  # fmt: skip
+    assistant = summary.get("assistant")
+    if isinstance(assistant, dict) and "glue" in assistant:
+        scores.update({f"assistant/{k}": v for k, v in wandb_scores(assistant).items()})
+    return scores
 
 
 def grid_points(ev: DictConfig) -> list[tuple[float, int, int]]:
