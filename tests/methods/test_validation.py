@@ -134,6 +134,10 @@ def test_val_loss_is_the_mean_held_out_loss_in_eval_mode(tiny_teacher_dir, padde
     assert set(logged) == {"val/loss", "val/loss_qq", "val/loss_kk", "val/loss_vv"}
     assert module.summary_fields()["val_loss"] == pytest.approx(logged["val/loss"])
     assert module.tokens_seen == 0  # validation tokens are not counted as trained
+    module.log_prefix = "assistant/"  # stage 1 of a teacher assistant: its own names, same figures
+    [prefixed] = trainer.validate(module, dataloaders=FixedBatches(batches), verbose=False)
+    assert prefixed == {f"assistant/{k}": v for k, v in logged.items()}
+    assert module.summary_fields()["val_loss"] == pytest.approx(logged["val/loss"])
 
 
 def test_cli_validates_at_the_interval_and_at_the_end_without_changing_training(

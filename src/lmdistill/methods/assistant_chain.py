@@ -163,7 +163,7 @@ class TeacherAssistantChain(L.LightningModule):
         self.record: dict = {}  # more of the chain for its checkpoints (the run's cache key, ...)
         self._in_stage2 = stage1 is None  # this process has set stage 2 up (teacher weights, ...)
         if stage1 is not None:
-            _prefix_logs(stage1, ASSISTANT_PREFIX)
+            stage1.log_prefix = ASSISTANT_PREFIX
         if any(is_overridden("validation_step", m, L.LightningModule) for m in self.methods()):
             self.validation_step = self._validation_step  # held-out losses of the active stage
 
@@ -327,9 +327,8 @@ class TeacherAssistantChain(L.LightningModule):
         if not method.meter.pending:
             return
         metrics = method.records.flush(method.trainer)
-        prefix = ASSISTANT_PREFIX if method is self.stage1 else ""
         for logger in self.loggers:
-            logger.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step)
+            logger.log_metrics({method.log_prefix + k: v for k, v in metrics.items()}, step=step)
 
     def _enter_stage2(self, fresh: bool) -> None:
         """At the switch (`fresh`) or on resuming in stage 2: the assistant's weights into stage
@@ -402,16 +401,6 @@ def _rng_kept(device: torch.device):
     with torch.random.fork_rng(devices=devices):
         yield
     restore_rng(states)
-
-
-def _prefix_logs(method: DistillationMethod, prefix: str) -> None:
-    """`method.log(name, ...)` logs `prefix + name` (stage 1's metrics beside stage 2's)."""
-    log = method.log
-
-    def prefixed(name: str, value, *args, **kwargs):
-        return log(prefix + name, value, *args, **kwargs)
-
-    method.log = prefixed
 
 
 class StagedLoader:

@@ -43,6 +43,7 @@ class DistillationMethod(L.LightningModule):
     `step_loss` and `summary_fields`, and set `accepts_moe` if they train MiniMoE students."""
 
     accepts_moe: ClassVar[bool] = False  # whether MiniMoE students (moe other than 1x1) are trained
+    log_prefix: str = ""  # before every name it logs (stage 1 of a teacher assistant: "assistant/")
 
     def __init__(self, teacher: Teacher, student: PreTrainedModel,
                  optim: dict | OptimSettings | None = None):  # fmt: skip
@@ -143,6 +144,10 @@ class DistillationMethod(L.LightningModule):
         self.records.add_micro_batch(loss, terms, self._trainer)
         return loss  # a non-finite loss is skipped on the device (`configure_gradient_clipping`)
 
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        """`LightningModule.log` under `log_prefix` (`log_dict` logs through it too)."""
+        super().log(self.log_prefix + name, value, *args, **kwargs)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """`val/loss` and `val/loss_<term>`: means over the validation batches (each batch
         weighs the same, as each step in `train/loss`), reduced over ranks."""
@@ -203,8 +208,9 @@ class DistillationMethod(L.LightningModule):
         if self._rng_before_validation is not None:
             set_rng_states(self._rng_before_validation)
             self._rng_before_validation = None
-        metrics = self.trainer.callback_metrics
-        figures = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        metrics, prefix = self.trainer.callback_metrics, self.log_prefix
+        figures = {k[len(prefix) :]: float(v) for k, v in metrics.items()
+                   if k.startswith(prefix + "val/")}  # fmt: skip
         self.last_validation = {**figures, "val/step": self.global_step}
 
     def on_train_end(self) -> None:
