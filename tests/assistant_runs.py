@@ -34,8 +34,7 @@ from cli_helpers import TINY, check_ok, cli_env, run_cli, write_corpus
 SHAPE = ["student.num_hidden_layers=1", "student.hidden_size=16", "student.intermediate_size=32"]
 CHAIN = ["assistant=default", *SHAPE, "assistant.max_steps=3", "trainer.max_steps=4"]
 SEED = 776  # distill.yaml's default, spelled out so that a sweep can list it with another
-# last.ckpt after every step (such a run logs no losses: each step's are flushed into its
-# checkpoint before they are logged); the crash ends the run after its step-(k - 1) checkpoint
+# last.ckpt after every step; the crash ends the run after its step-(k - 1) checkpoint
 CRASH = ["callbacks.model_checkpoint.every_n_train_steps=1",
          "+callbacks.crash._target_=crash_callback.CrashAtStep"]  # fmt: skip
 # crash at the end of global step k - 1 (last.ckpt holds k - 1 steps): resume inside stage 1,
