@@ -218,6 +218,29 @@ def test_init_from_teacher_copies_exactly_the_mapped_layers(
                                teacher.embeddings.word_embeddings.weight, rtol=0, atol=0)  # fmt: skip
 
 
+def test_init_from_teacher_embeddings_copies_the_embeddings_only(tiny_teacher_dir):
+    from lmdistill.models.builders import encoder_student
+    from lmdistill.models.teacher import build_teacher
+
+    teacher = build_teacher(tiny_teacher_dir)
+    # other heads and FFN width than the teacher's: fine, only the hidden size must match
+    student = encoder_student(teacher, 1, 32, 2, 48, init_from_teacher="embeddings")
+    got, want = student.embeddings.state_dict(), teacher.model.embeddings.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:  # words, positions, token types, LayerNorm
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    query = student.encoder.layer[0].attention.self.query.weight  # [32, 32], BERT init
+    for layer in teacher.model.encoder.layer:
+        assert not torch.allclose(query, layer.attention.self.query.weight)
+    assert abs(query.std().item() - teacher.config.initializer_range) < 0.01
+    with pytest.raises(UserError, match="hidden sizes differ \\(teacher 32, student 16\\)"):
+        encoder_student(teacher, 1, 16, 2, 32, init_from_teacher="embeddings")
+    with pytest.raises(UserError, match="widths differ"):  # true copies layers: all widths
+        encoder_student(teacher, 1, 32, 2, 48, init_from_teacher=True)
+    with pytest.raises(UserError, match="init_from_teacher='layers' is not one of false, true, "):
+        encoder_student(teacher, 1, 32, 2, 48, init_from_teacher="layers")
+
+
 # --- exports readable by the colleagues the umask allows ---------------------------------------
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from lmdistill.models.moe import MiniMoEModel, minimoe_config
-from lmdistill.models.student import build_student
+from lmdistill.models.student import build_student, teacher_init
 from lmdistill.models.teacher import Teacher
 
 
@@ -39,17 +39,20 @@ def encoder_student(
     intermediate_size: int | None = None,
     hidden_dropout_prob: float = 0.1,
     attention_probs_dropout_prob: float = 0.1,
-    init_from_teacher: bool = False,
+    init_from_teacher: bool | str = False,
     moe: dict | MoESettings | None = None,
 ) -> PreTrainedModel:
     """A student of this shape on the teacher's vocabulary: dense for moe 1x1 (or None), else
-    MiniMoE with the dense student's embeddings and dense sublayers."""
+    MiniMoE with the dense student's embeddings and dense sublayers. `init_from_teacher`: false,
+    true (the teacher's embeddings and uniformly spaced layers) or "embeddings" (those only)."""
+    init = teacher_init(init_from_teacher)
     dense = build_student(
         teacher.config, num_hidden_layers=num_hidden_layers, hidden_size=hidden_size,
         num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
         hidden_dropout_prob=hidden_dropout_prob,
         attention_probs_dropout_prob=attention_probs_dropout_prob,
-        init_from_teacher=teacher.model if init_from_teacher else None,
+        init_from_teacher=teacher.model if init else None,
+        copy_only_embeddings=init == "embeddings",
     )  # fmt: skip
     settings = moe if isinstance(moe, MoESettings) else MoESettings(**(moe or {}))
     return dense if settings.dense else moe_student(dense, settings)

@@ -16,13 +16,14 @@ def ofa_student(
     intermediate_size: int | None = None,
     hidden_dropout_prob: float = 0.1,
     attention_probs_dropout_prob: float = 0.1,
-    init_from_teacher: bool = False,
+    init_from_teacher: bool | str = False,
     ofa_layers: list[int] | None = None,
     ofa_hidden: list[int] | None = None,
     **_ignored,
 ) -> OFABertModel:
     """A super-net of this shape (its largest sub-network) on the teacher's vocabulary, BERT init
-    or (`init_from_teacher`) the teacher's embeddings and uniformly spaced layers; family
+    or (`init_from_teacher`) the teacher's embeddings and uniformly spaced layers (or, with
+    "embeddings", the embeddings only); family
     `ofa_layers` x `ofa_hidden` (None: the full size only). BERT teachers only: the super-net's
     embeddings are BERT's. `**_ignored` takes the other student fields (relation_site, moe)."""
     if teacher.config.model_type != "bert":

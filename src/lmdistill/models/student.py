@@ -46,19 +46,38 @@ def student_config(
     return config
 
 
+def teacher_init(value) -> str | None:
+    """What `student.init_from_teacher` copies: None (BERT init), "layers" (true: embeddings and
+    uniformly spaced layers) or "embeddings" (the embedding layer only; the rest BERT init)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "layers"
+    if value == "embeddings":
+        return "embeddings"
+    raise UserError(
+        f"student.init_from_teacher={value!r} is not one of false, true, embeddings; "
+        "use false (random init), true (embeddings and layers) or embeddings (embeddings only)"
+    )
+
+
 def build_student(
     teacher_config: PretrainedConfig,
     init_from_teacher: torch.nn.Module | None = None,
+    copy_only_embeddings: bool = False,
     **shape,
 ) -> PreTrainedModel:
     """A randomly initialised (BERT init) student of `shape` (the arguments of `student_config`).
 
     With `init_from_teacher`, embeddings and the teacher layers of `layer_mapping` are copied
-    (same widths only; a deeper student repeats teacher layers).
+    (same widths only; a deeper student repeats teacher layers); with `copy_only_embeddings`
+    too, just the embeddings (same hidden size only).
     """
     config = student_config(teacher_config, **shape)
     student = AutoModel.from_config(config, attn_implementation="sdpa")
-    if init_from_teacher is not None:
+    if init_from_teacher is not None and copy_only_embeddings:
+        copy_teacher_embeddings(init_from_teacher, student)
+    elif init_from_teacher is not None:
         copy_teacher_layers(init_from_teacher, student)
     return student
 
@@ -96,6 +115,19 @@ def copy_teacher_layers(teacher: torch.nn.Module, student: PreTrainedModel) -> l
         for j, t in enumerate(mapping):
             s_layers[j].load_state_dict(t_layers[t].state_dict())
     return mapping
+
+
+def copy_teacher_embeddings(teacher: torch.nn.Module, student: PreTrainedModel) -> None:
+    """Copy the teacher's embedding layer (words, positions, token types, LayerNorm) into the
+    student; the hidden sizes must match."""
+    t, s = teacher.config.hidden_size, student.config.hidden_size
+    if t != s:
+        raise UserError(
+            f"cannot copy the teacher's embeddings: hidden sizes differ (teacher {t}, student "
+            f"{s}); set student.init_from_teacher=false"
+        )
+    with torch.no_grad():
+        student.embeddings.load_state_dict(teacher.embeddings.state_dict())
 
 
 def _shape(config: PretrainedConfig) -> tuple[int, int, int]:
