@@ -72,6 +72,29 @@ def test_stsb_probe_reads_a_glue_folder_and_refuses_a_missing_file(tmp_path):
         STSBProbe(str(tmp_path / "nothing.tsv"))
 
 
+@pytest.mark.parametrize("prefix", ["", "assistant/"])
+def test_stsb_probe_logs_the_teacher_under_the_method_prefix(prefix, tiny_teacher_dir, tmp_path):
+    import contextlib
+
+    model = AutoModel.from_pretrained(tiny_teacher_dir).eval()
+    probe = STSBProbe(_write_stsb(tmp_path / "dev.tsv"))
+    probe.data = load_probe_data(probe.path, AutoTokenizer.from_pretrained(tiny_teacher_dir), 128,
+                                 batch_size=4)  # fmt: skip
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((metrics, step)))
+    trainer = SimpleNamespace(
+        is_global_zero=True, callback_metrics={}, loggers=[logger], global_step=0,
+        precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext),
+        lightning_module=SimpleNamespace(device="cpu"),
+    )  # fmt: skip
+    method = SimpleNamespace(teacher=SimpleNamespace(model=model), log_prefix=prefix)
+    probe.on_train_start(trainer, method)
+    expected = stsb_spearman(model, probe.data)
+    name = prefix + "val/stsb_spearman_teacher"  # stage 1 of a teacher assistant: its own line
+    assert logged == [({name: pytest.approx(expected)}, 0)]
+    assert list(trainer.callback_metrics) == [name]
+
+
 def test_stsb_probe_needs_validation(tmp_path):
     probe = STSBProbe(_write_stsb(tmp_path / "dev.tsv"))
     trainer = SimpleNamespace(datamodule=SimpleNamespace(validates=False))
