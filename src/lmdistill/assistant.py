@@ -59,7 +59,13 @@ from lmdistill.pipeline import (
 )
 from lmdistill.resources import CONF_DIR
 from lmdistill.resume import check_allowed, config_differences, report_finished
-from lmdistill.runs import KEY_PARTS, config_key, previous_checkpoint, resolve_ckpt_path
+from lmdistill.runs import (
+    KEY_PARTS,
+    config_key,
+    handed_checkpoint,
+    previous_checkpoint,
+    resolve_ckpt_path,
+)
 
 log = logging.getLogger("lmdistill")
 
@@ -96,7 +102,7 @@ def run_with_assistant(cfg: DictConfig) -> dict:
     export_dir = out_dir / "student" if cfg.export else None
     key = config_key(cfg, RUN_PARTS)
     handed = _handed_plan(key, out_dir)
-    ckpt_path = handed["ckpt_path"] if handed else _resolve_ckpt_path(cfg, key)
+    ckpt_path = _resolve_ckpt_path(cfg, key)
     view = functools.partial(_student_view, path=ckpt_path)
     checkpoint, resume, finished = open_checkpoint(cfg, ckpt_path, export_dir, view=view)
     recorded = None
@@ -124,10 +130,9 @@ def run_with_assistant(cfg: DictConfig) -> dict:
             check_resumed_module(checkpoint, module, trainer, ckpt_path)
             del checkpoint
         os.environ[PLAN_ENV] = json.dumps({"run": key, "output_dir": str(out_dir),
-                                           "ckpt_path": ckpt_path,
                                            "switch_step": plan.switch_step,
                                            "cache_key": plan.cache_key})  # fmt: skip
-        try:  # the ranks Lightning launches inherit it: the same plan and checkpoint
+        try:  # the ranks Lightning launches inherit it: the same plan (`fit` hands the checkpoint)
             resumes = fit(cfg, key, module, datamodule, trainer, ckpt_path, resume)
         finally:
             os.environ.pop(PLAN_ENV, None)
@@ -237,7 +242,7 @@ def _entry(cfg: DictConfig, key: str) -> Path:
 
 
 def _handed_plan(key: str, out_dir: Path) -> dict | None:
-    """The plan (and checkpoint) rank 0 chose, in a rank it launched (its environment)."""
+    """The plan rank 0 chose, in a rank it launched (its environment)."""
     handed = os.environ.get(PLAN_ENV)
     if not handed:
         return None
@@ -279,10 +284,12 @@ def _run_config(cfg: DictConfig, plan: Plan) -> DictConfig:
 
 
 def _resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
-    """`ckpt_path` as for any run; without one, also an unfinished earlier run of this command
-    (its output directory is another one each time: re-running continues it)."""
+    """`ckpt_path` as for any run (in a rank rank 0 launched: rank 0's); without one, also an
+    unfinished earlier run of this command (its output directory is another one each time:
+    re-running continues it)."""
     ckpt_path = resolve_ckpt_path(cfg, key)
-    if ckpt_path is None and cfg.ckpt_path is None:
+    handed = handed_checkpoint(key, cfg.paths.output_dir) is not None
+    if ckpt_path is None and cfg.ckpt_path is None and not handed:
         previous = previous_checkpoint(cfg.paths.cache_dir, key, unfinished_only=True)
         ckpt_path = str(previous) if previous else None
     return ckpt_path

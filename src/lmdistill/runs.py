@@ -82,7 +82,7 @@ def resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
     Without `ckpt_path`, a run whose output directory already holds `checkpoints/last.ckpt` (a
     requeued SLURM job, a run restarted in place) continues from it instead of overwriting it.
     """
-    handed = _handed_ckpt_path(key, cfg.paths.output_dir)
+    handed = handed_checkpoint(key, cfg.paths.output_dir)
     if handed is not None:
         return handed["ckpt_path"]
     if cfg.ckpt_path is None:
@@ -111,7 +111,7 @@ def handed_to_launched_ranks(key: str, output_dir: str | Path, ckpt_path: str | 
         os.environ.pop(HANDOFF_ENV, None)
 
 
-def _handed_ckpt_path(key: str, output_dir: str | Path) -> dict | None:
+def handed_checkpoint(key: str, output_dir: str | Path) -> dict | None:
     """{"ckpt_path": ...} that rank 0 handed to this job (same run key and output directory)."""
     handed = os.environ.get(HANDOFF_ENV)
     if not handed:
