@@ -88,3 +88,29 @@ def test_the_checkpoint_names_the_chain(runs):
     assert chain["assistant"]["max_steps"] == 3 and checkpoint["global_step"] == 7
     assert set(checkpoint["lmdistill"]["stages"]) == {"assistant", "student"}
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"stage1", "stage2"}
+
+
+def test_callbacks_log_under_the_active_stage_prefix(tiny_teacher_dir, monkeypatch):
+    """The chain is the trainer's module: what callbacks log through it (the STS-B probe) goes
+    under the active stage's prefix, assistant/ in stage 1."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from lmdistill.methods import MiniLMv2
+    from lmdistill.methods.assistant_chain import TeacherAssistantChain
+    from lmdistill.models import build_student, load_teacher
+
+    teacher = load_teacher(tiny_teacher_dir)
+    shape = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+    stages = [MiniLMv2(teacher, build_student(teacher.config, num_hidden_layers=n, **shape),
+                       relation_heads=4) for n in (2, 1)]  # fmt: skip
+    chain = TeacherAssistantChain(*stages, switch_step=3, student_steps=4, seed=0, stage2_rng={})
+    logged = []
+    monkeypatch.setattr(L.LightningModule, "log", lambda self, name, *a, **k: logged.append(name))
+    for training, step, prefix in [(True, 0, "assistant/"), (True, 2, "assistant/"),
+                                   (False, 3, "assistant/"), (True, 3, ""), (False, 7, "")]:  # fmt: skip
+        chain._trainer = SimpleNamespace(training=training, global_step=step)
+        assert chain.log_prefix == prefix
+        chain.log("val/stsb_spearman", 0.5)
+        assert logged[-1] == prefix + "val/stsb_spearman"

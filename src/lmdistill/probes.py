@@ -154,8 +154,8 @@ class STSBProbe(L.Callback):
         if self.data is None or not trainer.is_global_zero:
             return
         value = self._spearman(trainer, pl_module.teacher.model)
-        # under the method's prefix, as its `log` (stage 1 of a teacher assistant: assistant/)
-        name = getattr(pl_module, "log_prefix", "") + "val/stsb_spearman_teacher"
+        # under the module's prefix, as its `log` (stage 1 of a teacher assistant: assistant/)
+        name = pl_module.log_prefix + "val/stsb_spearman_teacher"
         trainer.callback_metrics[name] = torch.tensor(value)
         for logger in trainer.loggers:  # Lightning's `log` is not open in on_train_start
             logger.log_metrics({name: value}, step=trainer.global_step)

@@ -207,6 +207,15 @@ class TeacherAssistantChain(L.LightningModule):
             method.trainer = None if trainer is None else StageTrainer(trainer, offset, steps, last)
 
     @property
+    def log_prefix(self) -> str:
+        """The active stage's (stage 1: "assistant/"): what callbacks log goes under it."""
+        return self.active.log_prefix
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        """`LightningModule.log` under the active stage's `log_prefix` (callbacks log here)."""
+        super().log(self.log_prefix + name, value, *args, **kwargs)
+
+    @property
     def teacher(self):
         """The active stage's teacher (for callbacks that probe the models)."""
         return self.active.teacher

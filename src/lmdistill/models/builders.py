@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from lmdistill.models.moe import MiniMoEModel, minimoe_config
-from lmdistill.models.student import build_student, teacher_init
+from lmdistill.models.student import build_student, copy_teacher_embeddings, teacher_init
 from lmdistill.models.teacher import Teacher
 
 
@@ -51,9 +51,10 @@ def encoder_student(
         num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
         hidden_dropout_prob=hidden_dropout_prob,
         attention_probs_dropout_prob=attention_probs_dropout_prob,
-        init_from_teacher=teacher.model if init else None,
-        copy_only_embeddings=init == "embeddings",
+        init_from_teacher=teacher.model if init == "layers" else None,
     )  # fmt: skip
+    if init == "embeddings":
+        copy_teacher_embeddings(teacher.model, dense)
     settings = moe if isinstance(moe, MoESettings) else MoESettings(**(moe or {}))
     return dense if settings.dense else moe_student(dense, settings)
 

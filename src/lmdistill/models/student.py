@@ -64,20 +64,16 @@ def teacher_init(value) -> str | None:
 def build_student(
     teacher_config: PretrainedConfig,
     init_from_teacher: torch.nn.Module | None = None,
-    copy_only_embeddings: bool = False,
     **shape,
 ) -> PreTrainedModel:
     """A randomly initialised (BERT init) student of `shape` (the arguments of `student_config`).
 
     With `init_from_teacher`, embeddings and the teacher layers of `layer_mapping` are copied
-    (same widths only; a deeper student repeats teacher layers); with `copy_only_embeddings`
-    too, just the embeddings (same hidden size only).
+    (same widths only; a deeper student repeats teacher layers).
     """
     config = student_config(teacher_config, **shape)
     student = AutoModel.from_config(config, attn_implementation="sdpa")
-    if init_from_teacher is not None and copy_only_embeddings:
-        copy_teacher_embeddings(init_from_teacher, student)
-    elif init_from_teacher is not None:
+    if init_from_teacher is not None:
         copy_teacher_layers(init_from_teacher, student)
     return student
 
