@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 # Local models and files only: the demo and tests never need the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 DEMO_DIR ?= outputs/demo
+# pytest-xdist workers for `make test` (a test file runs on one worker: tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench lint clean
 
@@ -33,7 +35,7 @@ demo: $(STAMP)
 	@echo "Sweep: $(VENV)/bin/lmdistill-distill -m student=L3-H384,L4-H384 method=minilm_v1,minilm_v2"
 
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/distill_step.py

@@ -13,6 +13,29 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+# Under `pytest -n 2 --dist loadfile` (`make test`) each test file runs on one worker, so that its
+# module fixtures are made once; these files also join the worker of the file whose expensive
+# session fixture they share.
+SAME_WORKER_AS = {
+    "tests/test_assistant_chain.py": "tests/test_assistant.py",  # assistant_runs
+    "tests/test_tracking.py": "tests/test_distill_cli.py",  # tiny_sweep
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesWithTheirFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return SAME_WORKER_AS.get(file, file)
+
+    return FilesWithTheirFixtures(config, log)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One lmdistill cache for the whole test session (tiny teacher, sample corpus)."""
