@@ -19,7 +19,7 @@ pooler, the parts a last-layer-site student never trains.
                                                                 # + MiniMoE 1x4 (~35 more minutes)
     python benchmarks/quality.py --budget cpu --compare embeddings --out <the cpu run's dir>
                                                                 # + 4 diagnostic rows (~45 min)
-    python benchmarks/quality.py --budget gpu --compare moe     # ~10-15 min of one GPU (unmeasured)
+    python benchmarks/quality.py --budget gpu --compare moe     # ~10 min of one GPU (unmeasured)
     python benchmarks/quality.py --budget cpu --dry-run         # print the commands only
 
 It drives the command-line tools (`lmdistill-distill`, `lmdistill-finetune -m`) in subprocesses,
@@ -46,6 +46,11 @@ real tokens are in the table):
 * gpu: 2,000 steps of 256 x 128 (65.5M slots); RTE, MRPC, STS-B, CoLA, SST-2, up to 8,000
   training examples each (SST-2 and CoLA subsampled), 3 epochs, lr {1e-4, 5e-5}.
 
+`--parallel N` runs up to N steps at once (default: 4 on the gpu budget, else 1): the
+distillations beside the teacher's fine-tunes, then the students' fine-tunes side by side. The
+3 x 384 and 6 x 384 models leave most of a GPU idle, so the gpu budget shares one GPU this way;
+on 2 CPU cores it only slows each step down. Step timings of concurrent steps overlap.
+
 Precision `auto` everywhere (bf16-mixed on CPUs with AVX-512 BF16/AMX and on Ampere+ GPUs).
 `--threads N` sets OMP_NUM_THREADS for every subprocess: on a 2-core machine that another job
 shares, 1 thread is several times faster than 2 (2 threads stall at every op's barrier).
@@ -61,7 +66,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,21 +124,23 @@ class Bench:
         self.timings: dict[str, float] = (
             json.loads(self.timings_file.read_text()) if self.timings_file.exists() else {}
         )  # wall seconds of every step run, kept across invocations with the same --out
+        self.lock = threading.Lock()  # steps run in threads (--parallel): one writer at a time
 
     # --- running ---------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
         line = f"[{dt.datetime.now():%H:%M:%S} load {os.getloadavg()[0]:.1f}] {msg}"
-        print(line, flush=True)
-        if not self.args.dry_run:
-            with open(self.out / "quality.log", "a") as f:
-                f.write(line + "\n")
+        with self.lock:
+            print(line, flush=True)
+            if not self.args.dry_run:
+                with open(self.out / "quality.log", "a") as f:
+                    f.write(line + "\n")
 
     def run(self, cmd: list[str], name: str, log_file: Path) -> float:
         text = shlex.join(cmd)
         if self.args.dry_run:
             print(text)
             return 0.0
-        with open(self.out / "commands.sh", "a") as f:
+        with self.lock, open(self.out / "commands.sh", "a") as f:
             f.write(text + "\n")
         self.log(f"{name}: {text}")
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +148,9 @@ class Bench:
         with open(log_file, "w") as f:
             rc = subprocess.call(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         wall = time.perf_counter() - start
-        self.timings[name] = round(wall, 1)
-        self.timings_file.write_text(json.dumps(self.timings, indent=1))
+        with self.lock:
+            self.timings[name] = round(wall, 1)
+            self.timings_file.write_text(json.dumps(self.timings, indent=1))
         if rc != 0:
             tail = log_file.read_text().splitlines()[-15:]
             raise SystemExit(f"{name} failed (exit {rc}); log {log_file}:\n" + "\n".join(tail))
@@ -148,9 +158,12 @@ class Bench:
         return wall
 
     # --- distillation ------------------------------------------------------------------------------
+    def distill_dir(self, key: str) -> Path:
+        return self.out / "distill" / key
+
     def distill(self, key: str) -> Path:
         b, a = self.budget, self.args
-        run_dir = self.out / "distill" / key
+        run_dir = self.distill_dir(key)
         if (run_dir / "summary.json").exists():
             self.log(f"distill {key}: reusing {run_dir}")
             return run_dir
@@ -242,6 +255,28 @@ class Bench:
         rec["val_curve"] = val_curve(run_dir / "logs" / "metrics.csv")
         rec["stsb_probe_teacher"] = s.get("val_stsb_spearman_teacher")
         return rec
+
+
+def run_steps(bench: Bench, students: list[str], row_specs: dict, parallel: int) -> None:
+    """Distil `students`, then fine-tune every row once its distillation (if any) is done, up to
+    `parallel` steps at once. The distillations are queued first, so a waiting fine-tune never
+    holds back the distillation it waits for."""
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        distilled = {key: pool.submit(bench.distill, key) for key in students}
+
+        def fine_tune(row: str) -> None:
+            _, model, init, needs = row_specs[row]
+            if needs is not None:
+                distilled[needs].result()
+            bench.finetune(row, model, init)
+
+        steps = [*distilled.values(), *(pool.submit(fine_tune, row) for row in row_specs)]
+        try:
+            for step in steps:
+                step.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the running steps finish, no new ones
+            raise
 
 
 def teacher_dir() -> Path:
@@ -378,6 +413,8 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=None,
                    help="data.num_workers of distillation (default: gpu 4, else 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=776)
+    p.add_argument("--parallel", type=int, default=None,
+                   help="steps run at once (default: gpu 4, else 1; see the docstring)")  # fmt: skip
     p.add_argument("--skip-teacher", action="store_true", help="no teacher row (not for tables)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args()
@@ -390,6 +427,10 @@ def main() -> None:
         )
     if args.num_workers is None:
         args.num_workers = 4 if args.budget == "gpu" else 1
+    if args.parallel is None:
+        args.parallel = 4 if args.budget == "gpu" else 1
+    if args.parallel < 1:
+        p.error(f"--parallel must be at least 1, got {args.parallel}")
     bench = Bench(args)
     if not args.dry_run:
         bench.out.mkdir(parents=True, exist_ok=True)
@@ -399,38 +440,32 @@ def main() -> None:
     dirty = subprocess.run(["git", "status", "--porcelain", "src", "conf"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip() != ""  # fmt: skip
     bench.log(f"budget {args.budget} {bench.budget}, compare {args.compare}, threads "
-              f"{args.threads or 'default'}, commit {commit}{' (src/conf modified)' if dirty else ''}, "
+              f"{args.threads or 'default'}, parallel {args.parallel}, commit {commit}{' (src/conf modified)' if dirty else ''}, "
               f"out {bench.out}")  # fmt: skip
 
     extra = {"none": [], "moe": ["minimoe_1x4"], "embeddings": ["minilm_v2_teacher_embeddings"]}
     students = ["minilm_v2"] + extra[args.compare]
-    runs = {key: bench.distill(key) for key in students}
     variants = {k: bench.variant(k) for k in (VARIANTS if args.compare == "embeddings" else [])}
-    if args.dry_run:
-        for key, run_dir in runs.items():
-            bench.finetune(key, str(run_dir / "student"), "pretrained")
-        bench.finetune("random_init", str(runs["minilm_v2"] / "student"), "random")
-        bench.finetune("teacher", "minilm-l6-local", "pretrained")
-        for key, model_dir in variants.items():
-            bench.finetune(key, str(model_dir), "pretrained")
-        return
-    # fine-tunes: teacher first (the reference), then the dense student and its random-init twin
+    # rows: {row: (label, model, init, the distillation it needs or None)}; teacher first
     row_specs = {}
     if not args.skip_teacher:
         row_specs["teacher"] = ("teacher 6x384 (offline pretrained)", "minilm-l6-local",
-                                "pretrained")  # fmt: skip
-    row_specs["minilm_v2"] = (STUDENTS["minilm_v2"][0], str(runs["minilm_v2"] / "student"),
-                              "pretrained")  # fmt: skip
-    row_specs["random_init"] = ("3x384 random init", str(runs["minilm_v2"] / "student"), "random")
-    for key in extra[args.compare]:
-        row_specs[key] = (STUDENTS[key][0], str(runs[key] / "student"), "pretrained")
+                                "pretrained", None)  # fmt: skip
+    for key in students:
+        row_specs[key] = (STUDENTS[key][0], str(bench.distill_dir(key) / "student"), "pretrained",
+                          key)  # fmt: skip
+        if key == "minilm_v2":  # its random-init twin: the same config, fresh weights
+            row_specs["random_init"] = ("3x384 random init",
+                                        str(bench.distill_dir(key) / "student"), "random", key)  # fmt: skip
     for key, model_dir in variants.items():
-        row_specs[key] = (VARIANTS[key], str(model_dir), "pretrained")
-    for row, (_, model, init) in row_specs.items():
-        bench.finetune(row, model, init)
+        row_specs[key] = (VARIANTS[key], str(model_dir), "pretrained", None)
+    run_steps(bench, students, row_specs, 1 if args.dry_run else args.parallel)
+    if args.dry_run:
+        return
+    runs = {key: bench.distill_dir(key) for key in students}
 
     rows = {}
-    for row, (label, _, _) in row_specs.items():
+    for row, (label, *_) in row_specs.items():
         scores = bench.scores(row)
         complete = len(scores) == len(bench.budget["tasks"])
         avg = sum(s["score"] for s in scores.values()) / len(scores) if complete else None
