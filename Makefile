@@ -13,7 +13,7 @@ DEMO_DIR ?= outputs/demo
 # pytest-xdist workers for `make test` (a test file runs on one worker: tests/conftest.py)
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -44,6 +44,13 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/moe_step.py
 	$(OFFLINE) $(PY) benchmarks/checkpoint_save.py
 	$(OFFLINE) $(PY) benchmarks/step_overhead.py
+
+# one GPU: the step against the original code, the CUDA-only MoE dispatch tests, the GPU quality
+# budget (needs ../shared/data, or quality.py's --corpus, --heldout and --glue)
+bench-gpu: $(STAMP)
+	$(OFFLINE) $(PY) benchmarks/gpu_step.py
+	$(OFFLINE) $(PY) -m pytest -q tests/models/test_moe_dispatch.py -k cuda
+	$(OFFLINE) $(PY) benchmarks/quality.py --budget gpu --compare moe
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
