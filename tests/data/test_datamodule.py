@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_documents, write_blank_line, write_jsonl, write_parquet
+from corpora import make_documents, write_blank_line, write_jsonl, write_parquet
 
 from lmdistill.data import PretrainingDataModule
 from lmdistill.data.sources import iter_documents, local_spec

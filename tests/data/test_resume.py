@@ -5,7 +5,7 @@ import io
 import lightning as L
 import pytest
 import torch
-from conftest import make_documents, write_blank_line
+from corpora import make_documents, write_blank_line
 
 from lmdistill.data import DataPositionCallback, PretrainingDataModule
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_documents, write_blank_line, write_jsonl
+from corpora import make_documents, write_blank_line, write_jsonl
 
 from lmdistill.data import PretrainingDataModule, token_cache
 from lmdistill.data.segments import plain_backend

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_documents, write_blank_line
+from corpora import make_documents, write_blank_line
 
 from lmdistill.data import PretrainingDataModule
 from lmdistill.data.sample import ensure_sample_corpus

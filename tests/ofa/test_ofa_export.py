@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HIDDEN, LAYERS, tiny_bert_config
+from ofa_nets import HIDDEN, LAYERS, tiny_bert_config
 from transformers import AutoTokenizer
 
 from lmdistill.export_subnet import main

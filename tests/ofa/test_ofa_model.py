@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HIDDEN, LAYERS
+from ofa_nets import HIDDEN, LAYERS
 from torch.testing import assert_close
 from transformers import AutoModel, BertConfig, BertModel
 

@@ -1,4 +1,4 @@
-"""Tiny BERT models (hidden 32, 2 layers, 4 heads) and inputs for the sparsification tests."""
+"""Inputs of the sparsification tests (their tiny BERT models: sparse_nets.py)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from sparse_nets import TINY
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "glue"))  # glue_files.write_glue
-
-TINY = dict(
-    vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-    intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.1,
-    attention_probs_dropout_prob=0.1, initializer_range=0.2,
-)  # fmt: skip
-
-
-def tiny_bert(mlm: bool = False, seed: int = 0, dtype=torch.float32):
-    """A random tiny BertModel (or BertForMaskedLM, decoder tied), eval mode, frozen."""
-    from transformers import BertConfig, BertForMaskedLM, BertModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        config = BertConfig(**TINY)
-        cls = BertForMaskedLM if mlm else BertModel
-        model = cls._from_config(config, attn_implementation="sdpa")
-    return model.to(dtype).eval().requires_grad_(False)
 
 
 @pytest.fixture
@@ -42,11 +25,3 @@ def batch():
     types = torch.zeros_like(ids)
     types[:, 6:] = 1
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types * mask}
-
-
-def random_orders(seed: int = 0):
-    """Random head [2, 4], neuron [2, 64] and hidden [32] permutations."""
-    g = torch.Generator().manual_seed(seed)
-    heads = torch.stack([torch.randperm(4, generator=g) for _ in range(2)])
-    neurons = torch.stack([torch.randperm(64, generator=g) for _ in range(2)])
-    return heads, neurons, torch.randperm(32, generator=g)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import tiny_bert
+from sparse_nets import tiny_bert
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 import lmdistill  # noqa: F401 - registers the lmdistill-sparse model type

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_bert
+from sparse_nets import tiny_bert
 
 from lmdistill.sparse.importance import (
     ImportanceSums,

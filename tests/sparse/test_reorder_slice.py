@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, random_orders, tiny_bert
+from sparse_nets import TINY, random_orders, tiny_bert
 
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.sparse import SparseBertConfig, SparseBertModel, sparse_gflops, sparse_params

@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import (
@@ -19,6 +18,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler
 
+from lmdistill.models.bert_style import BertStyleEncoder, BertStylePreTrainedModel
 from lmdistill.models.classification import EncoderForSequenceClassification
 from lmdistill.models.flops import encoder_gflops
 from lmdistill.models.moe_config import MiniMoEConfig
@@ -32,24 +32,16 @@ class MoERouting(NamedTuple):
     stats: RoutingStats
 
 
-class MiniMoEPreTrainedModel(PreTrainedModel):
+class MiniMoEPreTrainedModel(BertStylePreTrainedModel):
     config_class = MiniMoEConfig
     config: MiniMoEConfig
-    base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
-    _supports_sdpa = True
     _no_split_modules = ["BertEmbeddings", "MiniMoELayer"]
 
     @torch.no_grad()
     def _init_weights(self, module):
         """BERT init; experts carved from one widened sublayer or drawn independently."""
         super()._init_weights(module)
-        if isinstance(module, BertEmbeddings):
-            init.copy_(
-                module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1))
-            )
-            init.zeros_(module.token_type_ids)
-        elif isinstance(module, MiniMoEFeedForward):
+        if isinstance(module, MiniMoEFeedForward):
             pairs = ((module.in_weight, module.in_bias, 1), (module.out_weight, None, 0))
             self._init_experts(pairs, module.out_bias, elements=module.in_weight.shape[-1], width=1)
         elif isinstance(module, MiniMoEAttention):
@@ -94,7 +86,7 @@ class MiniMoEPreTrainedModel(PreTrainedModel):
         init.zeros_(out_bias)  # output-side bias: one vector, copied into every expert
 
 
-class MiniMoEModel(MiniMoEPreTrainedModel):
+class MiniMoEModel(BertStyleEncoder, MiniMoEPreTrainedModel):
     """BERT embeddings + MiniMoE layers (+ pooler). 1x1 is a dense BertModel."""
 
     def __init__(self, config: MiniMoEConfig, add_pooling_layer: bool = True):
@@ -108,12 +100,6 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
         self.routing: list[MoERouting] = []
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings.word_embeddings = value
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -124,14 +110,7 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        hidden = self.embeddings(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            token_type_ids=token_type_ids,
-            inputs_embeds=inputs_embeds,
-        )  # [B, L, d]
+        hidden = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # [B, L, d]
         b, n = hidden.shape[:2]
         if attention_mask is None:
             real = torch.ones(b * n, dtype=torch.bool, device=hidden.device)

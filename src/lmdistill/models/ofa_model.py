@@ -20,35 +20,21 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.bert.modeling_bert import BertEmbeddings
 
+from lmdistill.models.bert_style import BertStyleEncoder, BertStylePreTrainedModel
 from lmdistill.models.ofa_config import OFABertConfig, SubnetShape, ofa_config, subnet_shape
 from lmdistill.models.ofa_layers import OFABertEmbeddings, OFABertLayer, OFABertPooler
 
 
-class OFABertPreTrainedModel(PreTrainedModel):
+class OFABertPreTrainedModel(BertStylePreTrainedModel):
     config_class = OFABertConfig
     config: OFABertConfig
-    base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
-    _supports_sdpa = True
     _no_split_modules = ["BertEmbeddings", "OFABertLayer"]
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        """BERT init (normal Linear/Embedding weights, zero biases, unit LayerNorms)."""
-        super()._init_weights(module)
-        if isinstance(module, BertEmbeddings):
-            init.copy_(
-                module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1))
-            )
-            init.zeros_(module.token_type_ids)
 
-
-class OFABertModel(OFABertPreTrainedModel):
+class OFABertModel(BertStyleEncoder, OFABertPreTrainedModel):
     """BERT embeddings + layers + pooler, run as the active sub-network (default: full size)."""
 
     def __init__(self, config: OFABertConfig, add_pooling_layer: bool = True):
@@ -75,12 +61,6 @@ class OFABertModel(OFABertPreTrainedModel):
         supernet = cls(config, add_pooling_layer=getattr(model, "pooler", None) is not None)
         supernet.load_state_dict(model.state_dict())
         return supernet.to(next(model.parameters()).device)
-
-    def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings.word_embeddings = value
 
     def set_subnet(self, layers: int, hidden: int) -> SubnetShape:
         """Make sub-network (layers, hidden) the one later forward passes compute."""
@@ -112,14 +92,7 @@ class OFABertModel(OFABertPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        hidden = self.embeddings(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            token_type_ids=token_type_ids,
-            inputs_embeds=inputs_embeds,
-        )  # [B, L, h]
+        hidden = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # [B, L, h]
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask  # [B, 1, 1, L] boolean key mask: SDPA takes it as it is
         else:

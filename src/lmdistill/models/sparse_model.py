@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
@@ -27,6 +26,7 @@ from transformers.models.bert.modeling_bert import (
     BertPooler,
 )
 
+from lmdistill.models.bert_style import BertStyleEncoder, BertStylePreTrainedModel
 from lmdistill.models.classification import EncoderForSequenceClassification
 from lmdistill.models.sparse_config import SparseBertConfig
 
@@ -108,28 +108,20 @@ class SparseBertLayer(nn.Module):
         return hidden  # [B, L, d']
 
 
-class SparseBertPreTrainedModel(PreTrainedModel):
+class SparseBertPreTrainedModel(BertStylePreTrainedModel):
     config_class = SparseBertConfig
     config: SparseBertConfig
-    base_model_prefix = "bert"
-    supports_gradient_checkpointing = False
-    _supports_sdpa = True
     _no_split_modules = ["BertEmbeddings", "SparseBertLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """BERT init (normal Linear/Embedding weights, zero biases, unit LayerNorms)."""
+        """BERT init, the MLM head's bias zero."""
         super()._init_weights(module)
         if isinstance(module, BertLMPredictionHead):
             init.zeros_(module.bias)
-        elif isinstance(module, BertEmbeddings):
-            init.copy_(
-                module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1))
-            )
-            init.zeros_(module.token_type_ids)
 
 
-class SparseBertModel(SparseBertPreTrainedModel):
+class SparseBertModel(BertStyleEncoder, SparseBertPreTrainedModel):
     """BERT embeddings (width d') + sparse layers (+ pooler d' -> d')."""
 
     def __init__(self, config: SparseBertConfig, add_pooling_layer: bool = True):
@@ -143,12 +135,6 @@ class SparseBertModel(SparseBertPreTrainedModel):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings.word_embeddings = value
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -159,14 +145,7 @@ class SparseBertModel(SparseBertPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        hidden = self.embeddings(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            token_type_ids=token_type_ids,
-            inputs_embeds=inputs_embeds,
-        )  # [B, L, d']
+        hidden = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)  # [B, L, d']
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
         )  # [B, 1, L, L] or None (no padding)
