@@ -29,7 +29,7 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class FilesWithTheirFixtures(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
+        def _split_scope(self, nodeid: str) -> str:  # xdist 3's hook for the unit of scheduling
             file = nodeid.split("::", 1)[0]
             return SAME_WORKER_AS.get(file, file)
 
