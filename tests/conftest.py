@@ -1,4 +1,5 @@
-"""Shared fixtures: offline environment, the tiny random teacher, the real offline teacher."""
+"""Shared fixtures (offline environment, the tiny random teacher, the real offline teacher) and
+the scheduler that keeps a test file, with its fixtures, on one pytest-xdist worker."""
 
 from __future__ import annotations
 
