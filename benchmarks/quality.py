@@ -162,12 +162,12 @@ class Bench:
     def distill_dir(self, key: str) -> Path:
         return self.out / "distill" / key
 
-    def distill(self, key: str) -> Path:
+    def distill(self, key: str) -> None:
         b, a = self.budget, self.args
         run_dir = self.distill_dir(key)
         if (run_dir / "summary.json").exists():
             self.log(f"distill {key}: reusing {run_dir}")
-            return run_dir
+            return
         cmd = [
             str(self.bin / "lmdistill-distill"), "teacher=minilm-l6-local", "student=L3-H384",
             *STUDENTS[key][1], "data=text", f"data.paths=[{a.corpus}]",
@@ -181,7 +181,6 @@ class Bench:
             f"hydra.run.dir={run_dir}",
         ]  # fmt: skip
         self.run(cmd, f"distill {key}", self.out / "logs" / f"distill_{key}.log")
-        return run_dir
 
     # --- models made from the teacher (--compare embeddings) --------------------------------------
     def variant(self, key: str) -> Path:
@@ -463,7 +462,6 @@ def main() -> None:
     run_steps(bench, students, row_specs, 1 if args.dry_run else args.parallel)
     if args.dry_run:
         return
-    runs = {key: bench.distill_dir(key) for key in students}
 
     rows = {}
     for row, (label, *_) in row_specs.items():
@@ -485,7 +483,7 @@ def main() -> None:
         "commit": commit, "src_modified": dirty, "threads": args.threads,
         "cpu_count": os.cpu_count(), "corpus": args.corpus, "heldout": args.heldout,
         "glue": args.glue, "rows": rows,
-        "distill": {k: bench.distill_record(d) for k, d in runs.items()},
+        "distill": {k: bench.distill_record(bench.distill_dir(k)) for k in students},
         "timings": bench.timings, "wall_s": round(time.perf_counter() - start, 1),
         "load_average_end": os.getloadavg(),
         "commands": (bench.out / "commands.sh").read_text().splitlines()
