@@ -29,6 +29,21 @@ def test_teacher_layer_is_honoured_by_every_method(method, tmp_path, cache_dir):
     assert module.teacher.layer == 1 and len(module.teacher.model.encoder.layer) == 1
 
 
+@pytest.mark.parametrize(("teacher", "preset"), [("bert-large-uncased", 21),
+                                                 ("roberta-large", 19), ("bert-base-uncased", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    "method", ["minilm_v1", "minilm_v2", "minimoe", "tinybert", "ofa_minilm", "sparse_minilm"]
+)
+def test_the_minilm_v2_layer_preset_is_minilm_v2s_alone(method, teacher, preset, tmp_path):
+    """The papers: MiniLM v2 distils layer 21 of BERT-large (19 of RoBERTa-large); MiniLM v1,
+    TinyBERT and the rest distil the last layer (None) unless teacher.layer says otherwise."""
+    overrides = [f"method={method}", f"teacher={teacher}"]
+    cfg = resolved_config(compose_distill(overrides), tmp_path)
+    assert cfg["teacher"]["layer"] == (preset if method == "minilm_v2" else None)
+    cfg = resolved_config(compose_distill([*overrides, "teacher.layer=12"]), tmp_path)
+    assert cfg["teacher"]["layer"] == 12
+
+
 @pytest.mark.parametrize("method", ["minilm_v1", "minilm_v2", "minimoe"])
 @pytest.mark.parametrize("site", ["last_layer", "top_projection"])
 def test_relation_site_is_honoured_by_every_method(method, site, tmp_path, cache_dir):

@@ -207,7 +207,7 @@ def student_stage(cfg: DictConfig, assistant_dir: Path) -> DictConfig:
     _set(stage, "teacher", {
         "_target_": cfg.teacher._target_,
         "name_or_path": str(assistant_dir), "revision": None, "layer": None,
-        "relation_heads": relation_heads, "dtype": cfg.teacher.dtype, "trust_remote_code": False,
+        "minilm_v2_layer": None, "relation_heads": relation_heads, "dtype": cfg.teacher.dtype, "trust_remote_code": False,
     })  # fmt: skip
     return stage
 

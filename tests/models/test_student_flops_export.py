@@ -140,7 +140,7 @@ def test_export_never_overwrites(tmp_path, tiny_teacher_dir, teacher_config):
 
 def _expected_mapping(t: int, s: int) -> list[int]:
     """Independently: a shallower student picks the teacher layer nearest to (j + 1) * T / S
-    (1-indexed, ties to the even one) so that the last layers meet; a deeper one splits its
+    (1-indexed, halves rounded up) so that the last layers meet; a deeper one splits its
     layers into T runs of consecutive layers, sizes differing by at most one, the shorter first."""
     from fractions import Fraction
 
@@ -149,9 +149,7 @@ def _expected_mapping(t: int, s: int) -> list[int]:
         for j in range(s):
             x = Fraction((j + 1) * t, s)
             lo = x.numerator // x.denominator
-            nearest = (
-                lo + 1 if x - lo > Fraction(1, 2) or (x - lo == Fraction(1, 2) and lo % 2) else lo
-            )
+            nearest = lo + 1 if x - lo >= Fraction(1, 2) else lo  # halves round up
             out.append(nearest - 1)
         return out
     out = []
@@ -168,6 +166,8 @@ def _expected_mapping(t: int, s: int) -> list[int]:
     [
         (6, 3, [1, 3, 5]),
         (12, 4, [2, 5, 8, 11]),
+        (12, 8, [1, 2, 4, 5, 7, 8, 10, 11]),  # evenly spaced: steps 1, 2, 1, 2, ...
+        (8, 3, [2, 4, 7]),
         (24, 6, [3, 7, 11, 15, 19, 23]),
         (6, 6, [0, 1, 2, 3, 4, 5]),
         (2, 1, [1]),

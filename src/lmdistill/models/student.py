@@ -82,8 +82,9 @@ def layer_mapping(teacher_layers: int, student_layers: int) -> list[int]:
     """The teacher layer (0-based) each student layer is initialised from.
 
     Shallower or equal student (S <= T): uniformly spaced teacher layers, student layer j takes
-    teacher layer round((j + 1) * T / S) - 1, so the last student layer takes the last teacher
-    layer (T = S: the identity). Deeper student (S > T): each teacher layer in order, repeated
+    teacher layer floor((j + 1) * T / S + 1/2) - 1 (halves round up, so T = 12, S = 8 gives
+    1, 2, 4, 5, 7, 8, 10, 11), and the last student layer takes the last teacher layer (T = S:
+    the identity). Deeper student (S > T): each teacher layer in order, repeated
     on consecutive student layers, student layer j takes teacher layer floor(j * T / S) (T = 6,
     S = 12: 0, 0, 1, 1, ..., 5, 5). Both are non-decreasing and use the last teacher layer.
     """
@@ -91,7 +92,7 @@ def layer_mapping(teacher_layers: int, student_layers: int) -> list[int]:
     if t < 1 or s < 1:
         raise UserError(f"cannot map {t} teacher layers onto {s} student layers; both must be >= 1")
     if s <= t:
-        return [round((j + 1) * t / s) - 1 for j in range(s)]
+        return [(2 * (j + 1) * t + s) // (2 * s) - 1 for j in range(s)]
     return [j * t // s for j in range(s)]
 
 
