@@ -23,6 +23,7 @@ def test_sweep_over_sparsities_shares_one_sparsification(tmp_path, cache_dir):
     out = tmp_path / "sweep"
     args = ["-m", *TINY, *FAST, f"data.paths=[{tmp_path / 'corpus.txt'}]", "method=sparse_minilm",
             "sparsity=s50,s90", "student.sparsify.num_batches=1", "trainer.max_steps=1",
+            "data.val_batches=1", "data.val_fraction=0.5",  # the student validates, not the fill
             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={out}"]  # fmt: skip
     _, stdout, stderr = check_ok(run_cli(args, tmp_path, cache_dir, timeout=300))
     assert (stdout + stderr).count("sparsifying") == 1  # the second job reuses the cache entry
@@ -61,6 +62,7 @@ def test_sparsify_fills_the_cache_the_method_reads(tmp_path, monkeypatch, tiny_t
     monkeypatch.setattr(sparsify, "run", never)
     teacher = load_teacher(cfg.teacher.name_or_path)
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.update(val_batches=4, val_fraction=0.1)  # a distillation's validation: not the importance's
     student = sparse_student(teacher, 90, data, cfg.seed, str(cache / "sparsified"),
                              sparsify={"num_batches": 2, "relation_heads": 4})  # fmt: skip
     expected = sparsify.sparse_student(tmp_path / "run", 90, encoder_only=True)

@@ -1,8 +1,8 @@
 """The cache of sparsified teachers: `<paths.cache_dir>/sparsified/<key>/`.
 
 An entry is a finished `lmdistill-sparsify` output (importance.safetensors and reordered/),
-keyed by what the importance depends on: teacher (name, revision), data (without worker count
-and cache location), seed, number of batches, loss and relation heads. `method=sparse_minilm`
+keyed by what the importance depends on: teacher (name, revision), data (without worker count,
+cache location and validation: the importance reads the whole corpus), seed, number of batches, loss and relation heads. `method=sparse_minilm`
 fills a missing entry itself (`ensure_sparsified`, once, under a file lock, so the jobs of a
 sweep over sparsities share one); `lmdistill-sparsify` publishes its run there too (`publish`).
 """
@@ -19,6 +19,14 @@ from pathlib import Path
 
 SCORES_FILE = "importance.safetensors"
 REORDERED_DIR = "reordered"
+# data keys the importance scores do not depend on
+_NOT_IN_KEY = ("num_workers", "cache_dir", "val_batches", "val_paths", "val_fraction")
+
+
+def importance_data(data: dict) -> dict:
+    """A distillation's data settings as the importance reads them: the whole corpus, nothing
+    held out for validation (which is the student's, not the teacher's sparsification's)."""
+    return {**data, "val_batches": 0, "val_paths": None, "val_fraction": None}
 
 
 def sparsify_key(
@@ -31,7 +39,7 @@ def sparsify_key(
     relation_heads: int | None,
 ) -> str:
     """A short content hash of everything the importance scores depend on."""
-    data = {k: v for k, v in data.items() if k not in ("num_workers", "cache_dir")}
+    data = {k: v for k, v in data.items() if k not in _NOT_IN_KEY}
     parts = {
         "teacher": teacher, "revision": revision, "data": data, "seed": seed,
         "num_batches": num_batches, "loss": loss,

@@ -16,7 +16,13 @@ from omegaconf import OmegaConf
 from lmdistill.errors import UserError
 from lmdistill.models.sparse import SparseBertModel
 from lmdistill.models.teacher import Teacher, _load_config
-from lmdistill.sparse.cache import SCORES_FILE, file_lock, is_complete, sparsify_key
+from lmdistill.sparse.cache import (
+    SCORES_FILE,
+    file_lock,
+    importance_data,
+    is_complete,
+    sparsify_key,
+)
 from lmdistill.sparse.schedule import prune_percent
 
 log = logging.getLogger("lmdistill")
@@ -39,6 +45,7 @@ def ensure_sparsified(
     from lmdistill import sparsify
 
     settings = {**SPARSIFY_DEFAULTS, **(settings or {})}
+    data = importance_data(data)
     loss = settings["loss"]
     if loss == "auto":
         config = _load_config(teacher, revision, False)
