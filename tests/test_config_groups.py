@@ -87,6 +87,20 @@ def test_assistant_is_a_group_null_by_default(tmp_path, cache_dir):
     assert cfg.assistant.method == "minilm_v2"
 
 
+def test_assistant_method_minimoe_trains_a_dense_assistant(tmp_path, cache_dir):
+    """assistant.method=minimoe takes minimoe's config without its defaults list (moe=1x4): the
+    assistant stays dense (moe=1x1)."""
+    from lmdistill.assistant import assistant_stage
+    from lmdistill.models.describe import experts_of
+    from lmdistill.pipeline import build_method
+
+    cfg = compose_distill([*TINY, "assistant=default", "assistant.method=minimoe"])
+    stage = OmegaConf.create(resolved_config(assistant_stage(cfg), tmp_path))
+    assert "defaults" not in stage.method and stage.moe.ffn_experts == 1
+    module = build_method(stage, "32")
+    assert type(module).__name__ == "MiniMoE" and experts_of(module.student) == (1, 1)
+
+
 def test_minimoe_experiments_share_one_recipe(tmp_path, cache_dir):
     from lmdistill.resources import CONF_DIR
 

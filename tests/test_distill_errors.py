@@ -132,6 +132,29 @@ def test_run_raises_user_errors(case, workdir, cache_dir):
     _assert_untouched(out)
 
 
+ASSISTANT_CASES = {
+    "sparse_student": (["method=sparse_minilm"], r"method=sparse_minilm takes no teacher assistant"),
+    "ofa_student": (["method=ofa_minilm"], r"ofa_minilm with an assistant.*set assistant\.method"),
+    "ofa_assistant": (["assistant.method=ofa_minilm"], r"assistant\.method=ofa_minilm cannot.*minilm_v2"),
+    "unknown_assistant": (["assistant.method=minilm_v3"], r"assistant\.method=minilm_v3 cannot.*tinybert"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ASSISTANT_CASES))
+def test_assistant_refuses_what_cannot_train_it(case, workdir, cache_dir):
+    """Before any work: nothing sparsified, trained or written."""
+    from lmdistill.assistant import run_with_assistant
+
+    overrides, pattern = ASSISTANT_CASES[case]
+    out = workdir / f"assistant_{case}"
+    _prefill(out)
+    cfg = _config(workdir, out, ["assistant=default", *overrides])
+    with pytest.raises(UserError, match=pattern) as info:
+        run_with_assistant(cfg)
+    assert "\n" not in str(info.value)
+    _assert_untouched(out)
+
+
 def test_missing_mandatory_value_is_a_user_error(workdir, cache_dir):
     """`data=text` without data.paths: `???` becomes one line naming the key (the decorator's path)."""
     from omegaconf import OmegaConf

@@ -97,6 +97,7 @@ def run_with_assistant(cfg: DictConfig) -> dict:
     """Train (or take from the cache) the assistant, then the student, in one fit; export and
     summarise the student. Returns its summary (with an `assistant` entry); {} on other ranks."""
     check_config(cfg)
+    _check_methods(cfg)
     _check_steps(cfg)
     out_dir = Path(cfg.paths.output_dir)
     export_dir = out_dir / "student" if cfg.export else None
@@ -206,8 +207,8 @@ def student_stage(cfg: DictConfig, assistant_dir: Path) -> DictConfig:
     relation_heads = cfg.teacher.relation_heads
     _set(stage, "teacher", {
         "_target_": cfg.teacher._target_,
-        "name_or_path": str(assistant_dir), "revision": None, "layer": None,
-        "minilm_v2_layer": None, "relation_heads": relation_heads, "dtype": cfg.teacher.dtype, "trust_remote_code": False,
+        "name_or_path": str(assistant_dir), "revision": None, "layer": None, "minilm_v2_layer": None,
+        "relation_heads": relation_heads, "dtype": cfg.teacher.dtype, "trust_remote_code": False,
     })  # fmt: skip
     return stage
 
@@ -320,6 +321,31 @@ def _assistant_settings(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(OmegaConf.to_container(cfg.assistant, resolve=True), default=str))
 
 
+# methods that can train the (dense) assistant; sparse and once-for-all MiniLM cannot
+ASSISTANT_METHODS = ("minilm_v1", "minilm_v2", "minimoe", "tinybert")
+
+
+def _check_methods(cfg: DictConfig) -> None:
+    """The assistant is a dense student trained by a dense method; a sparse MiniLM student is
+    the teacher itself, sliced, so nothing can stand between them."""
+    name = cfg.assistant.method
+    if name is not None and name not in ASSISTANT_METHODS:
+        raise UserError(
+            f"assistant.method={name} cannot train the assistant (a dense student); use one of "
+            f"{', '.join(ASSISTANT_METHODS)}, or null for the student's method"
+        )
+    if name is None and cfg.method._target_.endswith(".OFAMiniLM"):
+        raise UserError(
+            "method=ofa_minilm with an assistant: the assistant is one dense model, not a "
+            "super-net; set assistant.method (e.g. minilm_v2) to train it"
+        )
+    if cfg.student._target_.endswith(".sparse_student"):
+        raise UserError(
+            "method=sparse_minilm takes no teacher assistant: its student is the teacher itself, "
+            "sliced; drop assistant= (or set assistant=null)"
+        )
+
+
 def _check_steps(cfg: DictConfig) -> None:
     for key in ("trainer.max_steps", "assistant.max_steps"):
         value = OmegaConf.select(cfg, key)
@@ -343,12 +369,15 @@ def _without_assistant(cfg: DictConfig) -> DictConfig:
 
 
 def _group_option(group: str, name: str) -> DictConfig:
-    """The config of `<group>=<name>` (its interpolations resolve in the stage's config)."""
+    """The config of `<group>=<name>` (its interpolations resolve in the stage's config; its
+    defaults list, e.g. minimoe's moe, is not applied: the stage sets moe itself)."""
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         raise UserError(f"unknown {group} '{name}' in assistant.{group}; use one of {options}")
-    return OmegaConf.load(path)
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return node
 
 
 def _teacher_depth(cfg: DictConfig) -> int:
