@@ -115,7 +115,8 @@ def test_metrics_csv_has_per_step_columns(main_run):
     for column in ("train/loss", "train/loss_qq", "train/loss_kk", "train/loss_vv",
                    "train/tokens_per_second", "train/global_batch_size"):  # fmt: skip
         steps = {int(r["step"]) for r in rows if column in r}
-        assert steps == set(range(MAIN_STEPS)), column
+        timed = column != "train/tokens_per_second"  # step 0 includes start-up: not timed
+        assert steps == set(range(0 if timed else 1, MAIN_STEPS)), column
     lr_columns = [c for c in columns if c.startswith("lr-")]
     assert lr_columns
     lrs = [r[lr_columns[0]] for r in rows if lr_columns[0] in r]
@@ -221,6 +222,31 @@ def resume_runs(workdir, cache_dir) -> tuple[Path, Path]:
     return full, resumed
 
 
+@pytest.fixture(scope="module")
+def every_4_steps(workdir, cache_dir) -> Path:
+    """The resume pair's uninterrupted run, logging every 4 steps."""
+    out = workdir / "every_4_steps"
+    args = [*TINY, f"data.paths=[{workdir / 'corpus.txt'}]", *RESUME,
+            "trainer.log_every_n_steps=4", f"hydra.run.dir={out}"]  # fmt: skip
+    check_ok(run_cli(args, workdir, cache_dir))
+    return out
+
+
+def test_each_step_is_in_exactly_one_logged_interval(resume_runs, every_4_steps):
+    """Rows at step 0 (the first step alone), at Lightning's logging step 3 and at the last step
+    (the partial interval, once): each the mean loss of its steps, as logged one by one."""
+    full, _ = resume_runs
+    per_step = read_metrics(full / "logs" / "metrics.csv")
+    loss = {int(r["step"]): r["train/loss"] for r in per_step if "train/loss" in r}
+    seen = {int(r["step"]): r["train/tokens_seen"] for r in per_step if "train/tokens_seen" in r}
+    rows = [r for r in read_metrics(every_4_steps / "logs" / "metrics.csv") if "train/loss" in r]
+    assert [int(r["step"]) for r in rows] == [0, 3, 5]
+    for row, steps in zip(rows, ([0], [1, 2, 3], [4, 5]), strict=True):
+        expected = sum(loss[s] for s in steps) / len(steps)
+        assert row["train/loss"] == pytest.approx(expected, rel=1e-5), row["step"]
+        assert row["train/tokens_seen"] == seen[int(row["step"])]
+
+
 def test_resume_continues_exactly(resume_runs):
     full, resumed = resume_runs
     c = step_losses(full / "logs" / "metrics.csv")
@@ -232,6 +258,8 @@ def test_resume_continues_exactly(resume_runs):
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["steps"] == 6
     assert summary["loss_first"] == pytest.approx(c[0], rel=1e-6)  # carried by the checkpoint
+    # the last 10 steps' mean: the steps before the checkpoint are carried by it too
+    assert summary["final_loss"] == pytest.approx(sum(c.values()) / 6, rel=1e-5)
 
 
 def test_resume_keeps_tokens_seen(resume_runs):

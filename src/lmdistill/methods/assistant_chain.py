@@ -330,19 +330,12 @@ class TeacherAssistantChain(L.LightningModule):
 
     def on_train_end(self) -> None:
         """The last, partial logging interval of the active stage."""
-        self._flush_to_loggers(self.active, self.trainer.global_step - 1)
-
-    def _flush_to_loggers(self, method: DistillationMethod, step: int) -> None:
-        if not method.meter.pending:
-            return
-        metrics = method.records.flush(method.trainer)
-        for logger in self.loggers:
-            logger.log_metrics({method.log_prefix + k: v for k, v in metrics.items()}, step=step)
+        self.active.flush_to_loggers()
 
     def _enter_stage2(self, fresh: bool) -> None:
         """At the switch (`fresh`) or on resuming in stage 2: the assistant's weights into stage
         2's teacher; stage 1's teacher and optimizer state released."""
-        self._flush_to_loggers(self.stage1, self.switch_step - 1)  # stage 1 ends, as a run would
+        self.stage1.flush_to_loggers()  # stage 1 ends (at step switch_step - 1), as a run would
         if self.on_switch is not None:  # also on resuming: an export lost since is written again
             with _rng_kept(self.device):  # stage 2's RNG is set already (`start_stage2_rng`)
                 self.on_switch(self)

@@ -192,12 +192,17 @@ class DistillationMethod(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         if self.records.micro_batches:  # inside an accumulation window
             return
-        if not self.meter.started or self.trainer._logger_connector.should_update_logs:
-            self.log_dict(self.records.flush(self.trainer, batch["input_ids"].shape[0]))
         if 0 < self.trainer.max_steps <= self.global_step:
             # training ends here; stopping (rather than only ending) makes Lightning validate the
             # final student too, whatever `val_check_interval` (nothing else differs)
             self.trainer.should_stop = True
+        # a stopping step is a logging step for Lightning, which would otherwise log the previous
+        # interval's figures again: the last, partial interval is flushed here
+        logging_step = self.trainer._logger_connector.should_update_logs
+        if logging_step:
+            self.log_dict(self.records.flush(self.trainer, batch["input_ids"].shape[0]))
+        elif not self.meter.started:  # the first step, its own row: intervals are timed from here
+            self.flush_to_loggers(batch["input_ids"].shape[0])
 
     def on_validation_start(self) -> None:
         """Validation leaves the training's random state as it found it (exact resumes)."""
@@ -214,11 +219,19 @@ class DistillationMethod(L.LightningModule):
         self.last_validation = {**figures, "val/step": self.global_step}
 
     def on_train_end(self) -> None:
-        """The last, partial interval: straight to the loggers (Lightning logs no more now)."""
-        if self.meter.pending:
-            metrics = self.records.flush(self.trainer)
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.global_step - 1)
+        """The last, partial interval (Lightning logs no more now)."""
+        self.flush_to_loggers()
+
+    def flush_to_loggers(self, batch_size: int | None = None) -> None:
+        """The steps since the last row as a row at the last step taken, straight to the
+        loggers: for rows outside Lightning's logging steps."""
+        if not self.meter.pending:
+            return
+        metrics = self.records.flush(self.trainer, batch_size)
+        # the run's last step (a teacher assistant's stage counts its own in `global_step`)
+        step = self.trainer.fit_loop.epoch_loop.global_step - 1
+        for logger in self.loggers:
+            logger.log_metrics({self.log_prefix + k: v for k, v in metrics.items()}, step=step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lmdistill"] = self.records.state_dict(self._trainer)

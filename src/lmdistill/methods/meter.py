@@ -100,7 +100,7 @@ class TrainingMeter:
             "terms": {name: mean(v) for name, v in zip(self._terms, term_sums, strict=True)},
             "nonfinite": int(nonfinite),
             "worst_run": int(worst_run),
-            "tokens_per_second": tokens / seconds if seconds > 0 else None,
+            "tokens_per_second": tokens / seconds if self._flushes > 1 and seconds > 0 else None,
         }
 
     def _read(self, reduce) -> tuple:
@@ -159,16 +159,20 @@ class TrainingMeter:
         """Plain numbers (loads with `weights_only=True`), exact: the steps since the last flush
         are counted in (an all-reduce and a read), and left to the next flush to log."""
         state = {"tokens_seen": self.tokens_seen, "loss_first": self.loss_first,
-                 "nonfinite_steps": self.nonfinite_steps}  # fmt: skip
+                 "nonfinite_steps": self.nonfinite_steps, "recent_losses": list(self._recent)}  # fmt: skip
         if self._rows:
-            tokens, _, _, nonfinite, _, _, losses = self._read(reduce)
+            tokens, _, _, nonfinite, _, skipped, losses = self._read(reduce)
             state["tokens_seen"] += int(tokens)
             state["nonfinite_steps"] += int(nonfinite)
             if state["loss_first"] is None:
                 state["loss_first"] = losses[0]
+            steps = [math.nan if s else v for s, v in zip(skipped, losses, strict=True)]
+            state["recent_losses"] = (state["recent_losses"] + steps)[-self._recent.maxlen :]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.loss_first = state.get("loss_first")
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._recent.clear()
+        self._recent.extend(float(v) for v in state.get("recent_losses", []))  # for final_loss
