@@ -55,6 +55,9 @@ def test_draw_depends_on_seed_and_step_only():
 
 def test_single_subnet_family_and_no_random_ones():
     assert SubnetSampler([6], [768], random_subnets=0)(7) == [(6, 768)]
+    assert SubnetSampler([6], [768])(7) == [(6, 768)]  # the default: 2, or what there is
+    assert SubnetSampler([6], [768, 384, 192]).random_subnets == 1
+    assert SubnetSampler(LAYERS, HIDDEN).random_subnets == 2
     assert SubnetSampler(LAYERS, HIDDEN, random_subnets=0)(7) == [(6, 768), (3, 192)]
 
 

@@ -85,7 +85,7 @@ class OFAMiniLM(DistillationMethod):
         export_student: bool = True,
         optim: dict | None = None,
     ):
-        ofa = {"layers": None, "hidden": None, "sampling": "sandwich", "random_subnets": 2,
+        ofa = {"layers": None, "hidden": None, "sampling": "sandwich", "random_subnets": None,
                "export": [], **(ofa or {})}  # fmt: skip
         c = student.config
         layers = list(ofa["layers"] or [c.num_hidden_layers])

@@ -34,7 +34,8 @@ class SubnetSampler:
     layers: tuple[int, ...]  # ofa.layers, e.g. (6, 4, 3)
     hidden: tuple[int, ...]  # ofa.hidden, e.g. (768, 512, 384, 256, 192)
     sampling: str = "sandwich"  # sandwich | all
-    random_subnets: int = 2  # sandwich: random sub-networks besides the largest and smallest
+    random_subnets: int | None = None  # sandwich: random ones besides the largest and smallest;
+    # None: 2, or as many as the family has when it has fewer
     seed: int = 0  # with the step, decides the random draw
 
     def __post_init__(self):
@@ -45,6 +46,8 @@ class SubnetSampler:
                 f"unknown ofa.sampling={self.sampling!r}; use one of {', '.join(SAMPLINGS)}"
             )
         others = len(self.family) - len(self.ends)
+        if self.random_subnets is None:
+            object.__setattr__(self, "random_subnets", min(2, others))
         k = self.random_subnets
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= others:
             raise UserError(
