@@ -31,6 +31,14 @@ BAD = {
         "method.relation_weights.qq=1"
     ),
     "data.batch_size=0": "data.batch_size=0 must be a positive integer; e.g. data.batch_size=32",
+    "trainer.max_steps=0": (
+        "trainer.max_steps=0 must be a positive integer: a distillation trains that many "
+        "optimizer steps; e.g. trainer.max_steps=1000"
+    ),
+    "trainer.max_steps=-1": (
+        "trainer.max_steps=-1 must be a positive integer: a distillation trains that many "
+        "optimizer steps; e.g. trainer.max_steps=1000"
+    ),
 }
 
 GOOD = [

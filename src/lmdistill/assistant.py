@@ -347,13 +347,13 @@ def _check_methods(cfg: DictConfig) -> None:
 
 
 def _check_steps(cfg: DictConfig) -> None:
-    for key in ("trainer.max_steps", "assistant.max_steps"):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(
-                f"{key}={value} with a teacher assistant: each stage trains a number of optimizer "
-                f"steps; set {key} to 1 or more"
-            )
+    """Stage 1's steps (stage 2's, trainer.max_steps, are checked as any run's)."""
+    value = cfg.assistant.max_steps
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(
+            f"assistant.max_steps={value}: stage 1 trains that many optimizer steps; set it to 1 "
+            "or more"
+        )
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -148,7 +148,21 @@ def check_config(cfg: DictConfig) -> None:
         problem = check(value)
         if problem is not None:
             raise UserError(f"{key}={_show(value)} {problem}; {fix}")
+    _check_distill_steps(cfg)
     _check_eval(cfg)
+
+
+def _check_distill_steps(cfg: DictConfig) -> None:
+    """A distillation counts optimizer steps (the corpus streams; its schedule needs the count)."""
+    if OmegaConf.select(cfg, "export") is None:
+        return  # not lmdistill-distill (lmdistill-finetune counts epochs)
+    value = OmegaConf.select(cfg, "trainer.max_steps")
+    problem = _positive_int(value)
+    if problem is not None:
+        raise UserError(
+            f"trainer.max_steps={_show(value)} {problem}: a distillation trains that many "
+            "optimizer steps; e.g. trainer.max_steps=1000"
+        )
 
 
 def _check_eval(cfg: DictConfig) -> None:

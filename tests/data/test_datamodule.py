@@ -238,3 +238,13 @@ def test_setup_errors(tmp_path, tokenizer_path):
     jsonl = write_jsonl(tmp_path / "c.jsonl", ["some text here"], field="body")
     with pytest.raises(UserError, match="no field 'text'"):
         _dm(tokenizer=tokenizer_path, paths=[jsonl], document_format="line").setup()
+
+
+def test_a_hub_corpus_without_the_hub_says_so(tokenizer_path):
+    """The tests run offline (HF_DATASETS_OFFLINE=1): the fix names the hub, not the files."""
+    with pytest.raises(UserError) as info:
+        _dm(tokenizer=tokenizer_path, source="hub", hf_path="wikimedia/wikipedia",
+            hf_name="20231101.en", paths=None).setup()  # fmt: skip
+    message = str(info.value)
+    assert "cannot read corpus wikimedia/wikipedia" in message and "\n" not in message
+    assert "HF_DATASETS_OFFLINE" in message and "data=text" in message

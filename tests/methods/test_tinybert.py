@@ -118,6 +118,8 @@ def test_teacher_computes_only_the_mapped_layers(tiny_teacher_dir, padded_batch)
     ({}, {"heads": 2}, r"teacher has 4 heads, the student 2; set student.num_attention_heads=4"),
     ({"layer_mapping": [1, 3]}, {}, r"layer_mapping=\[1, 3\] must give one teacher layer in 1..2"),
     ({"layer_mapping": [1]}, {}, r"each of the 2 student layers"),
+    ({"layer_mapping": 2}, {}, r"layer_mapping=2 must give one teacher layer"),
+    ({"layer_mapping": [1, "2"]}, {}, r"layer_mapping=\[1, '2'\] must give one teacher layer"),
     ({"relation_site": "last_layer"}, {}, r"remove student.relation_site=last_layer"),
 ])  # fmt: skip
 def test_bad_settings_are_one_line_errors(teacher, kwargs, student, message):

@@ -246,9 +246,14 @@ class PretrainingDataModule(L.LightningDataModule):
             raise
         except Exception as err:  # noqa: BLE001 - any loader failure is reported the same way
             where = ", ".join(spec.data_files) if spec.data_files else spec.builder
+            fix = "check the files/dataset name, format and data.text_field"
+            if not spec.data_files and _unreachable_hub(err):
+                fix = ("a hub corpus is read from the Hugging Face hub the first time: unset "
+                       "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE or connect, or use data=text with "
+                       "local files")  # fmt: skip
+            first_line = str(err).splitlines()[0] if str(err) else ""
             raise UserError(
-                f"cannot read corpus {where} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                "check the files/dataset name, format and data.text_field"
+                f"cannot read corpus {where} ({type(err).__name__}: {first_line}); {fix}"
             ) from None
         if first is None:
             where = ", ".join(spec.data_files) if spec.data_files else spec.builder
@@ -319,3 +324,10 @@ class PretrainingDataModule(L.LightningDataModule):
             collate_fn=functools.partial(collate_pairs, pad_id=self.pad_token_id),
             persistent_workers=False,
         )
+
+
+def _unreachable_hub(err: Exception) -> bool:
+    """Whether loading a hub corpus failed for want of the hub (offline mode, no connection)."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))  # fmt: skip
+    return offline or "Offline" in type(err).__name__ or isinstance(err, ConnectionError)

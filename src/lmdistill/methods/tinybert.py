@@ -34,13 +34,17 @@ def check_mapping(mapping: list[int] | None, student_layers: int, teacher_layers
     """Teacher layer (1-indexed) of each student layer; None: uniform (TinyBERT's g(m) = m T/S)."""
     if mapping is None:
         return [t + 1 for t in uniform_mapping(teacher_layers, student_layers)]
-    mapping = [int(t) for t in mapping]
-    if len(mapping) != student_layers or not all(1 <= t <= teacher_layers for t in mapping):
+    if (
+        not isinstance(mapping, (list, tuple))
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in mapping)
+        or len(mapping) != student_layers
+        or not all(1 <= t <= teacher_layers for t in mapping)
+    ):
         raise UserError(
             f"method.layer_mapping={mapping} must give one teacher layer in 1..{teacher_layers} "
             f"for each of the {student_layers} student layers, or be null (uniform)"
         )
-    return mapping
+    return list(mapping)
 
 
 class TinyBERT(DistillationMethod):
