@@ -94,6 +94,8 @@ def test_summary_has_the_contract_fields(summary, main_run):
         rel=1e-9,
     )
     assert summary["teacher"]["name_or_path"].endswith("tiny-bert-v2")
+    assert shape["init_from_teacher"] is False  # BERT init
+    assert summary["relation_weights"] == {"qq": 1.0, "kk": 1.0, "vv": 1.0}
 
 
 def test_tokens_seen_matches_the_logged_count(summary, main_run):
@@ -174,6 +176,8 @@ def test_export_provenance(main_run, workdir):
     assert provenance["method"] == "lmdistill.methods.MiniLMv2"
     assert provenance["teacher_layer"] == 2
     assert provenance["relation_heads"] == 4
+    assert provenance["relation_weights"] == {"qq": 1.0, "kk": 1.0, "vv": 1.0}
+    assert provenance["init_from_teacher"] is False
     assert provenance["data"]["paths"] == [str(workdir / "corpus.txt")]
     assert provenance["steps"] == MAIN_STEPS
 

@@ -170,7 +170,7 @@ def finetune(
         "metrics": chosen["metrics"],  # fractions (accuracy 0.71), correlations in [-1, 1]
         "score": chosen["score"],  # the task's main score (GLUE convention, lmdistill.glue.tasks)
         "select": settings.select,  # best: the best dev epoch; last: the last epoch
-        "epoch": chosen["epoch"] + 1,  # 1-indexed epoch the metrics come from
+        "epoch": chosen["epoch"],  # 1-indexed epoch the metrics come from (as in history)
         "step": chosen["step"],  # optimizer steps trained when they were measured
         "steps": trainer.global_step,  # optimizer steps trained in all
         "epochs": settings.epochs,

@@ -109,7 +109,7 @@ def summarize(
             "layer": module.teacher.layer,
             "hidden_size": module.teacher.hidden_size,
         },  # fmt: skip
-        "student": describe_student(module.student, 128),
+        "student": {**describe_student(module.student, 128), **student_init(cfg)},
         "steps": trainer.global_step,
         "tokens_seen": module.tokens_seen,
         "loss_first": module.loss_first,
@@ -284,6 +284,14 @@ def _exit_after_signal(trainer) -> None:
     raise SystemExit(EXIT_SIGNALLED)
 
 
+def student_init(cfg: DictConfig) -> dict:
+    """`student.init_from_teacher` as the run used it; none for a sparse student (the teacher
+    itself, sliced: summary.json's `sparse_student`)."""
+    if "init_from_teacher" not in cfg.student or cfg.student._target_.endswith(".sparse_student"):
+        return {}
+    return {"init_from_teacher": cfg.student.init_from_teacher}
+
+
 def provenance(cfg: DictConfig, module, trainer) -> dict:
     """Where the exported student came from."""
     data = {k: cfg.data.get(k) for k in ("source", "paths", "hf_path", "hf_name", "max_seq_length")}
@@ -292,6 +300,7 @@ def provenance(cfg: DictConfig, module, trainer) -> dict:
         "teacher": cfg.teacher.name_or_path,
         "teacher_layer": module.teacher.layer,
         "method": cfg.method._target_,
+        **student_init(cfg),
         **module.summary_fields(),
         "untrained_parameters": module.frozen_parameters,
         "data": OmegaConf.to_container(OmegaConf.create(data), resolve=True),

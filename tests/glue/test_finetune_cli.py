@@ -31,6 +31,7 @@ def test_tiny_finetune_writes_results(task, workdir, cache_dir):
     assert sorted(results["metrics"]) == names
     assert all(-1.0 <= v <= 1.0 for v in results["metrics"].values())
     assert results["select"] == "best" and results["epoch"] == 1
+    assert [h["epoch"] for h in results["history"]] == [1]  # numbered as `epoch`
     assert results["train_examples"] == 12 and results["dev_examples"] == {"dev": 12}
     assert (results["epochs"], results["batch_size"], results["lr"]) == (1, 4, 2e-5)
     assert results["model_shape"]["num_hidden_layers"] == 2

@@ -70,6 +70,9 @@ def test_sparsify_fills_the_cache_the_method_reads(tmp_path, monkeypatch, tiny_t
         assert torch.equal(student.state_dict()[name], value), name
     with pytest.raises(UserError, match="sparsity"):
         sparse_student(teacher, 100, data, cfg.seed, str(cache / "sparsified"))
+    with pytest.raises(UserError, match="init_from_teacher=True does nothing"):
+        sparse_student(teacher, 90, data, cfg.seed, str(cache / "sparsified"),
+                       init_from_teacher=True)  # fmt: skip
 
 
 def test_method_settings_are_checked(tiny_teacher_dir):

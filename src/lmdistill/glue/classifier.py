@@ -100,7 +100,7 @@ class GlueClassifier(L.LightningModule):
         self.dev_metrics = torch.nn.ModuleList(build_metrics(task) for _ in self.split_names)
         self.history: list[
             dict
-        ] = []  # one per dev evaluation: {"epoch", "step", "metrics", "score"}
+        ] = []  # one per dev evaluation: {"epoch" (1-indexed), "step", "metrics", "score"}
         self.train_examples = 0
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -131,7 +131,7 @@ class GlueClassifier(L.LightningModule):
         score = self.task.main_score(metrics)
         if not self.trainer.sanity_checking:
             self.history.append(
-                {"epoch": self.current_epoch, "step": self.global_step, "metrics": metrics,
+                {"epoch": self.current_epoch + 1, "step": self.global_step, "metrics": metrics,
                  "score": score}
             )  # fmt: skip
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})

@@ -13,6 +13,7 @@ from lmdistill.methods.relations import (
     check_relation_heads,
     check_relation_site,
     check_relation_weights,
+    relation_settings,
     self_relation_terms,
     top_projection,
     weighted_relation,
@@ -55,8 +56,7 @@ class MiniLMv2(QKVRelationSteps, DistillationMethod):
         return weighted_relation(terms, self.relation_weights)
 
     def summary_fields(self) -> dict:
-        return {**super().summary_fields(), "relation_heads": self.relation_heads,
-                "relation_site": self.relation_site, "reduction": self.reduction}  # fmt: skip
+        return {**super().summary_fields(), **relation_settings(self)}
 
 
 class MiniLMv1(QKVRelationSteps, DistillationMethod):

@@ -21,6 +21,7 @@ from lmdistill.methods.relations import (
     check_relation_heads,
     check_relation_site,
     check_relation_weights,
+    relation_settings,
     self_relation_terms,
     top_projection,
     weighted_relation,
@@ -86,8 +87,7 @@ class MiniMoE(QKVRelationSteps, DistillationMethod):
         return loss
 
     def summary_fields(self) -> dict:
-        return {**super().summary_fields(), "relation_heads": self.relation_heads,
-                "relation_site": self.relation_site, "reduction": self.reduction,
+        return {**super().summary_fields(), **relation_settings(self),
                 "balance_weight": self.balance_weight}  # fmt: skip
 
     # --- visibility --------------------------------------------------------------------------

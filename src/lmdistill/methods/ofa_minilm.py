@@ -22,6 +22,7 @@ from lmdistill.methods.relations import (
     check_reduction,
     check_relation_site,
     check_relation_weights,
+    relation_settings,
     self_relation_terms,
     top_projection,
     weighted_relation,
@@ -187,9 +188,7 @@ class OFAMiniLM(DistillationMethod):
         s = self.sampler
         return {
             **super().summary_fields(),
-            "relation_heads": self.relation_heads,
-            "relation_site": self.relation_site,
-            "reduction": self.reduction,
+            **relation_settings(self),
             "ofa": {
                 "layers": list(s.layers),
                 "hidden": list(s.hidden),

@@ -91,6 +91,12 @@ def check_relation_weights(relation_weights: dict | None) -> dict:
     return weights
 
 
+def relation_settings(method) -> dict:
+    """What summary.json and the provenance record of a MiniLM v2 style method's relations."""
+    return {"relation_heads": method.relation_heads, "relation_weights": method.relation_weights,
+            "relation_site": method.relation_site, "reduction": method.reduction}  # fmt: skip
+
+
 def self_relation_terms(teacher: QKV, student: QKV, attention_mask, heads: int, weights: dict,
                         reduction: str, plan: RelationPlan | None = None) -> dict:  # fmt: skip
     """MiniLM v2's Q-Q, K-K, V-V relation KLs (terms with weight 0 are skipped)."""

@@ -20,6 +20,7 @@ from lmdistill.methods.relations import (
     check_reduction,
     check_relation_site,
     check_relation_weights,
+    relation_settings,
     self_relation_terms,
     weighted_relation,
 )
@@ -83,8 +84,7 @@ class SparseMiniLM(QKVRelationSteps, DistillationMethod):
         c = self.student.config
         return {
             **super().summary_fields(),
-            "relation_heads": self.relation_heads, "relation_site": self.relation_site,
-            "reduction": self.reduction,
+            **relation_settings(self),
             "sparse_student": {
                 "sparsity": c.sparsity, "hidden_size": c.hidden_size,
                 "layer_heads": list(c.layer_heads), "layer_intermediate": list(c.layer_intermediate),

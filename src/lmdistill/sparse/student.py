@@ -91,6 +91,11 @@ def sparse_student(
     """The teacher sliced at `sparsity` (percent): a `SparseBertModel` with its embeddings and
     pooler. `**_ignored` takes the student group's shape fields, which the plan replaces."""
     prune_percent(sparsity)  # a bad sparsity is one line before any work
+    if _ignored.get("init_from_teacher") not in (None, False):
+        raise UserError(
+            f"student.init_from_teacher={_ignored['init_from_teacher']} does nothing with "
+            "method=sparse_minilm (its student is the teacher itself, sliced); remove it"
+        )
     moe = _ignored.get("moe") or {}
     experts = [int(getattr(moe, k, None) or (moe.get(k, 1) if isinstance(moe, dict) else 1))
                for k in ("attention_experts", "ffn_experts")]  # fmt: skip
