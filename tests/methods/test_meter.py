@@ -120,7 +120,26 @@ def test_checkpoint_state_counts_pending_steps_and_leaves_them_to_the_flush():
         meter.add_batch_tokens(10)
         meter.add_step(torch.tensor(loss), torch.tensor(skipped), {})
     state = meter.state_dict(reduce=lambda t: 2 * t)  # two identical ranks
+    recent = state.pop("recent_losses")  # this rank's, for final_loss: NaN where skipped
     assert state == {"tokens_seen": 60, "loss_first": 2.0, "nonfinite_steps": 2}
+    assert math.isnan(recent[0]) and recent[1:] == [1.0, 3.0]
     assert meter.pending and meter.tokens_seen == 0  # nothing consumed
     assert meter.flush()["loss"] == pytest.approx(2.0)  # the interval is still whole
-    assert meter.state_dict() == {"tokens_seen": 30, "loss_first": 2.0, "nonfinite_steps": 1}
+    state = meter.state_dict()
+    assert state.pop("recent_losses")[1:] == [1.0, 3.0]
+    assert state == {"tokens_seen": 30, "loss_first": 2.0, "nonfinite_steps": 1}
+
+
+def test_final_loss_resumes_with_the_last_ten_steps():
+    """A resumed meter's final_loss counts the steps before the checkpoint (at most 10)."""
+    meter = TrainingMeter()
+    losses = [float(i) for i in range(12)]
+    for loss in losses[:8]:
+        meter.add_step(torch.tensor(loss), torch.tensor(False), {})
+    meter.flush()
+    meter.add_step(torch.tensor(losses[8]), torch.tensor(False), {})  # pending at the save
+    resumed = TrainingMeter()
+    resumed.load_state_dict(meter.state_dict())
+    for loss in losses[9:]:
+        resumed.add_step(torch.tensor(loss), torch.tensor(False), {})
+    assert resumed.final_loss == pytest.approx(sum(losses[2:]) / 10)
