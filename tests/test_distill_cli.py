@@ -266,6 +266,32 @@ def test_resume_continues_exactly(resume_runs):
     assert summary["final_loss"] == pytest.approx(sum(c.values()) / 6, rel=1e-5)
 
 
+def test_resume_at_an_epoch_boundary_continues_exactly(workdir, cache_dir):
+    """A checkpoint after the last batch of an epoch: the resumed run starts the next epoch as
+    the uninterrupted one did (same data, same dropout masks, same epoch numbers)."""
+    corpus = f"data.paths=[{workdir / 'corpus.txt'}]"
+    every_step = ["callbacks.model_checkpoint.every_n_train_steps=1",
+                  "callbacks.model_checkpoint.save_top_k=-1"]  # fmt: skip
+    full = workdir / "epochs_full"
+    check_ok(run_cli([*TINY, corpus, "trainer.max_steps=14", *every_step,
+                      f"hydra.run.dir={full}"], workdir, cache_dir))  # fmt: skip
+    names = {p.name for p in (full / "checkpoints").glob("epoch=*.ckpt")}
+    last_of_epoch0 = max((n for n in names if n.startswith("epoch=0-")),
+                         key=lambda n: int(n.split("step=")[1][:-5]))  # fmt: skip
+    boundary = int(last_of_epoch0.split("step=")[1][:-5])
+    assert 1 < boundary < 13 and f"epoch=1-step={boundary + 1}.ckpt" in names
+    resumed = workdir / "epochs_resumed"
+    check_ok(run_cli([*TINY, corpus, "trainer.max_steps=14", *every_step,
+                      f"ckpt_path='{full / 'checkpoints' / last_of_epoch0}'",
+                      f"hydra.run.dir={resumed}"], workdir, cache_dir))  # fmt: skip
+    c = step_losses(full / "logs" / "metrics.csv")
+    b = step_losses(resumed / "logs" / "metrics.csv")
+    assert sorted(b) == list(range(boundary, 14))
+    for step in b:
+        assert b[step] == pytest.approx(c[step], rel=1e-5, abs=0), step
+    assert (resumed / "checkpoints" / f"epoch=1-step={boundary + 1}.ckpt").is_file()
+
+
 def test_resume_keeps_tokens_seen(resume_runs):
     full, resumed = resume_runs
     c = json.loads((full / "summary.json").read_text())

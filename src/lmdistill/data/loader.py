@@ -7,7 +7,14 @@ batch. `ResumableDataLoader` snapshots the state right after each batch it yield
 the "consumed" state to the snapshot of that batch, and `state_dict()` returns it.
 
 The loader also counts epochs: when an iteration has run to the end, the next `__iter__` starts
-epoch + 1 (the dataset seeds its RNG from it); the epoch travels in the state.
+epoch + 1 (the dataset seeds its RNG from it); the epoch travels in the state. A state saved
+after the last batch of an epoch loads as that end: the next `__iter__` starts the next epoch,
+as the uninterrupted loader does (not an empty iteration first, which on one DDP rank alone
+would put the ranks out of step).
+
+Creating an iterator draws its worker base seed from the loader's own generator, never from
+the global RNG that dropout uses: otherwise the iterator of a new epoch would shift the dropout
+masks of an uninterrupted run against a run resumed at that epoch boundary.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections import deque
 from typing import Any
 
 import lightning as L
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lmdistill import worker_lifetime
@@ -27,6 +35,7 @@ _POSITIONS_KEY = "lmdistill_data_positions"
 
 class ResumableDataLoader(StatefulDataLoader):
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("generator", torch.Generator())  # not the global RNG (docstring)
         super().__init__(*args, **kwargs)
         self._epoch = int(getattr(self.dataset, "epoch", 0))
         self._exhausted = False
@@ -67,10 +76,22 @@ class ResumableDataLoader(StatefulDataLoader):
             self._epoch = int(epoch)
             if hasattr(self.dataset, "epoch"):
                 self.dataset.epoch = self._epoch
-        self._exhausted = False
         self._snapshots.clear()
         self._consumed = None
-        super().load_state_dict(state)
+        self._exhausted = _iteration_finished(state)
+        if not self._exhausted:  # else the next __iter__ starts the next epoch afresh
+            super().load_state_dict(state)
+
+
+def _iteration_finished(state: dict[str, Any]) -> bool:
+    """Whether a loader state was saved after the last batch of its iteration: the stream of
+    the main process, or of every worker, is done."""
+    snapshot = state.get("_snapshot")  # with worker processes
+    workers = (snapshot or {}).get("_worker_snapshots", {}).values()
+    streams = (
+        [w.get("dataset_state") for w in workers] if snapshot else [state.get("dataset_state")]
+    )
+    return bool(streams) and all(isinstance(s, dict) and s.get("done") for s in streams)
 
 
 class DataPositionCallback(L.Callback):
