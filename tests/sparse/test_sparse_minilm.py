@@ -62,7 +62,9 @@ def test_sparsify_fills_the_cache_the_method_reads(tmp_path, monkeypatch, tiny_t
     monkeypatch.setattr(sparsify, "run", never)
     teacher = load_teacher(cfg.teacher.name_or_path)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.update(val_batches=4, val_fraction=0.1)  # a distillation's validation: not the importance's
+    data.update(
+        val_batches=4, val_fraction=0.1
+    )  # a distillation's validation: not the importance's
     student = sparse_student(teacher, 90, data, cfg.seed, str(cache / "sparsified"),
                              sparsify={"num_batches": 2, "relation_heads": 4})  # fmt: skip
     expected = sparsify.sparse_student(tmp_path / "run", 90, encoder_only=True)
