@@ -146,10 +146,17 @@ def test_a_run_restarted_in_its_directory_continues_from_its_checkpoint(
     out, _, _ = sigterm_run
     stopped = len(_batches(out))
     first_record = (out / ".hydra" / "overrides.yaml").read_text()
+    first_metrics = (out / "logs" / "metrics.csv").read_text()
     shorter = [f"trainer.max_steps={stopped + 2}", "resume.allow=[trainer.max_steps]"]
     check_ok(_run(_args(workdir, out, *shorter), workdir, cache_dir))
     steps = [b["step"] for b in _batches(out)]
     assert steps == [*range(stopped), stopped, stopped + 1]  # continued, nothing trained twice
+    # metrics.csv continues: the first run's rows, then the restart's; its file is kept whole
+    assert (out / "logs" / "metrics.until-restart-1.csv").read_text() == first_metrics
+    logged = [
+        int(r["step"]) for r in read_metrics(out / "logs" / "metrics.csv") if "train/loss" in r
+    ]
+    assert logged == [*range(stopped), stopped, stopped + 1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == stopped + 2
     assert summary["resumes"][0]["allowed_differences"] == {
