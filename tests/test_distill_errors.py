@@ -110,6 +110,7 @@ IN_PROCESS_CASES = {
     "hidden_not_divisible": (["student.hidden_size=30"], r"hidden_size=30 is not divisible by .*num_attention_heads=4"),
     "glob_matches_nothing": (["data.paths=[{w}/nothing-*.txt]"], r"nothing-\*\.txt' matches no file"),
     "missing_checkpoint": (["ckpt_path={w}/missing.ckpt"], r"checkpoint .*missing\.ckpt does not exist"),
+    "checkpoint_directory": (["ckpt_path={w}"], r"checkpoint .* is a directory, not a checkpoint file; pass the checkpoints/last\.ckpt"),
     "no_data_paths": (["data.paths=null"], r"source=text needs data paths"),
     "relation_heads_student": (["student.hidden_size=30", "student.num_attention_heads=3"], r"relation_heads=4 does not divide the student hidden size 30"),
 }  # fmt: skip

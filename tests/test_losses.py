@@ -340,8 +340,11 @@ def test_minilm_v1_equivalence_bert_model():
 def test_errors():
     teacher, student = _inputs(False, d_t=16, d_s=12)
     mask = _mask()
-    with pytest.raises(ValueError, match=r"R=5.*teacher d=16.*student d=12"):
-        relation_kl(teacher, student, mask, 5)
+    with pytest.raises(ValueError, match=r"R=5.*teacher d=16.*student d=12.*one of 1, 2, 4$"):
+        relation_kl(teacher, student, mask, 5)  # gcd 4: below the usual 8..64, its divisors
+    wide = _inputs(False, d_t=768, d_s=384)
+    with pytest.raises(ValueError, match=r"one of 8, 12, 16, 24, 32, 48, 64$"):
+        relation_kl(*wide, mask, 5)  # the divisors of gcd 384 in 8..64
     with pytest.raises(LossInputError, match="left and right"):
         relation_kl(teacher, (student[0], student[1][:, :5]), mask, 4)
     with pytest.raises(ValueError, match="attention_mask"):

@@ -115,6 +115,7 @@ _CHECKS: list[tuple[str, Callable[[object], str | None], str]] = [
     ("warmup_ratio", _fraction, "e.g. warmup_ratio=0.1"),
     ("data.train_limit", _optional_positive_int, "e.g. data.train_limit=5000, or null for all"),
     ("data.max_seq_length", _positive_int, "e.g. data.max_seq_length=128"),
+    ("select", _select, "e.g. select=best"),
     # lmdistill-distill eval=glue
     (
         "eval.tasks",

@@ -83,6 +83,10 @@ _OLDER = (
 def load_checkpoint(path: str | Path) -> dict:
     """Load a Lightning training checkpoint safely (`weights_only`), or raise a `UserError`."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.ckpt"
+        hint = f"ckpt_path={inside}" if inside.is_file() else _EARLIER
+        raise UserError(f"checkpoint {path} is a directory, not a checkpoint file; {hint}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; {_EARLIER}")
     try:

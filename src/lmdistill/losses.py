@@ -34,7 +34,8 @@ class LossInputError(UserError, ValueError):
 def _divisors_hint(*sizes: int) -> str:
     g = math.gcd(*sizes)
     common = [k for k in range(1, g + 1) if g % k == 0]
-    return ", ".join(str(k) for k in common[-6:])
+    usual = [k for k in common if 8 <= k <= 64]  # the head counts of the papers (12 to 64)
+    return ", ".join(str(k) for k in usual or common[-6:])
 
 
 def _check_heads(num_heads: int, **sizes: int) -> None:

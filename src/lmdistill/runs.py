@@ -93,8 +93,9 @@ def resolve_ckpt_path(cfg: DictConfig, key: str) -> str | None:
     checkpoint = previous_checkpoint(cfg.paths.cache_dir, key)
     if checkpoint is None:
         raise UserError(
-            "ckpt_path=last found no earlier run of this configuration with a checkpoint; "
-            "run without ckpt_path, or pass the checkpoint file itself"
+            "ckpt_path=last found no earlier run of exactly this configuration with a "
+            "checkpoint; run without ckpt_path, or pass the checkpoint file itself (with "
+            "resume.allow=[...] for settings changed since)"
         )
     return str(checkpoint)
 

@@ -112,6 +112,7 @@ BAD_VALUES = {
         "e.g. trainer.accumulate_grad_batches=1"
     ),
     "warmup_ratio=2": "warmup_ratio=2 must be a number from 0 to 1; e.g. warmup_ratio=0.1",
+    "select=worst": "select=worst must be best or last; e.g. select=best",
     "data.train_limit=0": (
         "data.train_limit=0 must be a positive integer; e.g. data.train_limit=5000, or null for all"
     ),

@@ -75,7 +75,7 @@ class StepRecords:
                 f"the loss was not finite for {limit} steps in a row (up to step "
                 f"{trainer.global_step}); the last finite state is in checkpoints/last.ckpt: "
                 "lower optim.lr, use trainer.precision=bf16-mixed or 32, or check the data, then "
-                "resume with ckpt_path=last"
+                "resume with ckpt_path=<that file> resume.allow=[<the changed settings>]"
             )
         if trainer is not None:
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

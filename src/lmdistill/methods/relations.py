@@ -83,7 +83,12 @@ def check_relation_heads(relation_heads: int, teacher, student) -> int:
 def check_relation_weights(relation_weights: dict | None) -> dict:
     """{qq, kk, vv} weights with a positive sum (missing ones default to 1)."""
     weights = {"qq": 1.0, "kk": 1.0, "vv": 1.0, **(relation_weights or {})}
-    if set(weights) != {"qq", "kk", "vv"} or sum(weights.values()) <= 0:
+    unknown = sorted(set(weights) - {"qq", "kk", "vv"})
+    if unknown:
+        raise UserError(
+            f"method.relation_weights has unknown terms {unknown}; the terms are qq, kk and vv"
+        )
+    if sum(weights.values()) <= 0:
         raise UserError(
             f"method.relation_weights={dict(weights)} must give qq, kk, vv with a "
             "positive sum; e.g. {qq: 1, kk: 1, vv: 1}"
