@@ -185,8 +185,9 @@ def test_unknown_step_count_is_a_user_error(teacher):
             r"relation_weights has unknown terms \['qk'\]; the terms are qq, kk and vv",
         ),
         (
-            lambda t, s: MiniLMv2(t, s, relation_heads=4,
-                                  relation_weights={"qq": 0, "kk": 0, "vv": 0}),  # fmt: skip
+            lambda t, s: MiniLMv2(
+                t, s, relation_heads=4, relation_weights={"qq": 0, "kk": 0, "vv": 0}
+            ),  # fmt: skip
             "with a positive sum",
         ),
         (
