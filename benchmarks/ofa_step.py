@@ -257,6 +257,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     steps = args.steps or (1 if args.quick else 5)
     warmup = 1 if args.quick else 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ofa_step.py: --device cuda but no CUDA GPU is visible; use --device cpu")
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     runs = []

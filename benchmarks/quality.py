@@ -431,6 +431,11 @@ def main() -> None:
         args.parallel = 4 if args.budget == "gpu" else 1
     if args.parallel < 1:
         p.error(f"--parallel must be at least 1, got {args.parallel}")
+    missing = [f"--{name} {getattr(args, name)}" for name in ("heldout", "glue")
+               if not Path(getattr(args, name)).is_dir()]  # fmt: skip
+    if missing and not args.dry_run:  # before any step: the runs would fail one by one
+        p.error(f"{', '.join(missing)}: no such folder; point it at yours (default: "
+                f"{SHARED}, the shared data next to the repository)")  # fmt: skip
     bench = Bench(args)
     if not args.dry_run:
         bench.out.mkdir(parents=True, exist_ok=True)

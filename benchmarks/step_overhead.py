@@ -3,7 +3,7 @@ mostly overhead, trained by lmdistill (Lightning, the real config and module) an
 PyTorch loop doing the same math on the same batches.
 
     python benchmarks/step_overhead.py                          # 8 rounds of 100 steps (~2 min)
-    python benchmarks/step_overhead.py --steps 40 --rounds 2    # smoke check
+    python benchmarks/step_overhead.py --steps 60 --rounds 2    # smoke check (one logging step)
     python benchmarks/step_overhead.py --batch-size 32 --seq-len 128   # the default data shape
 
 Setting: `teacher=tiny student=tiny` (2 x 32 random BERT into 2 x 32, 4 relation heads),

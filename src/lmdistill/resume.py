@@ -144,8 +144,8 @@ def report_finished(summary_path: Path) -> dict:
     """One line for a run found finished (nothing is trained, exported or written); its summary."""
     summary = json.loads(summary_path.read_text())
     log.info(
-        "already finished: %s steps, final loss %s; summary %s, student %s; nothing trained "
-        "or written",
+        "already finished: %s steps, final loss %s; summary %s, student %s; not trained or "
+        "exported again",
         summary.get("steps"), summary.get("final_loss"), summary_path, summary.get("export_dir"),
     )  # fmt: skip
     return summary
