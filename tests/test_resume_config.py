@@ -155,7 +155,9 @@ def test_a_finished_run_is_reported_not_trained_again(how, finished, workdir, ca
     assert summary == json.loads((finished / "summary.json").read_text())
     lines = [r.getMessage() for r in caplog.records if r.name == "lmdistill"]
     assert len(lines) == 1 and lines[0].startswith("already finished: 4 steps"), lines
-    assert str(finished / "summary.json") in lines[0] and "not trained or exported again" in lines[0]
+    assert (
+        str(finished / "summary.json") in lines[0] and "not trained or exported again" in lines[0]
+    )
     assert _snapshot(finished) == before
     assert not (workdir / "again").exists()
 
