@@ -42,18 +42,17 @@ from lmdistill.safe_stop import EXIT_SIGNALLED, CheckpointOnStop
 log = logging.getLogger("lmdistill")
 
 
-# keys that other groups read (through interpolations), not the group's own builder
-_READ_BY_OTHERS = {
-    "teacher": ("relation_heads", "minilm_v2_layer"),  # read by methods
+# keys of the teacher and student groups that only interpolations read, not their builders
+_NOT_FOR_BUILDERS = {
+    "teacher": ("relation_heads", "minilm_v2_layer"),  # methods' R; teacher.layer's default
     "student": ("relation_site",),  # read by methods
-    "method": ("teacher_layer",),  # the default of teacher.layer
 }
 
 
 def _builder(cfg: DictConfig, group: str) -> DictConfig:
-    """The group's node without the keys only other groups read: what its `_target_` receives."""
+    """The group's node without the keys only interpolations read: what its `_target_` receives."""
     node = OmegaConf.to_container(cfg[group], resolve=True)
-    return OmegaConf.create({k: v for k, v in node.items() if k not in _READ_BY_OTHERS[group]})
+    return OmegaConf.create({k: v for k, v in node.items() if k not in _NOT_FOR_BUILDERS[group]})
 
 
 def build_method(cfg: DictConfig, precision: str, teacher=None):
@@ -66,7 +65,7 @@ def build_method(cfg: DictConfig, precision: str, teacher=None):
     student = instantiate(_builder(cfg, "student"), _partial_=True, _convert_="all")(
         teacher=teacher
     )
-    method = instantiate(_builder(cfg, "method"), _partial_=True, _convert_="all")
+    method = instantiate(cfg.method, _partial_=True, _convert_="all")
     method = method(teacher=teacher, student=student, optim=OmegaConf.to_container(cfg.optim))
     method.freeze_unreached()
     return method

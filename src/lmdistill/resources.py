@@ -110,10 +110,18 @@ def job_dirname(num, overrides: str | None) -> str:
     return name
 
 
+def _teacher_layer(method_target: str | None, minilm_v2_layer: int | None) -> int | None:
+    """teacher.layer's default: the teacher's MiniLM v2 preset (BERT-large 21, RoBERTa-large 19)
+    for MiniLM v2, the last layer (None) for every other method (docs/methods.md section 10)."""
+    return minilm_v2_layer if str(method_target).rsplit(".", 1)[-1] == "MiniLMv2" else None
+
+
 def register_resolvers() -> None:
-    """`${package_dir:pkg,sub}`, `${tiny_teacher:cache_dir}`, `${sweep_group:}`, `${job_name:}`
-    and `${job_dirname:num,overrides}` for the configs (idempotent)."""
-    for name, fn in (("package_dir", package_dir), ("tiny_teacher", _tiny_teacher)):
+    """`${package_dir:pkg,sub}`, `${tiny_teacher:cache_dir}`, `${teacher_layer:target,layer}`,
+    `${sweep_group:}`, `${job_name:}` and `${job_dirname:num,overrides}` for the configs
+    (idempotent)."""
+    for name, fn in (("package_dir", package_dir), ("tiny_teacher", _tiny_teacher),
+                     ("teacher_layer", _teacher_layer)):  # fmt: skip
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
     for name, fn in (("sweep_group", _sweep_group), ("job_name", _job_name),
