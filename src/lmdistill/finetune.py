@@ -12,6 +12,7 @@ eval=glue` calls it in-process (lmdistill.glue.attached). Everything else lives 
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from lmdistill.io import write_json_atomic
 from lmdistill.models.describe import student_gflops
 from lmdistill.models.teacher import quiet_transformers
 from lmdistill.resources import CONF_DIR, register_resolvers
+from lmdistill.runs import remember_job, write_job_record
 from lmdistill.tracking import finish_wandb
 
 log = logging.getLogger("lmdistill")
@@ -218,6 +220,11 @@ def run(cfg: DictConfig) -> dict:
         )
     out_dir = Path(cfg.paths.output_dir)
     model_path = resolve_model(cfg)
+    settings = settings_from_config(cfg, model_path)
+    earlier = _earlier_results(out_dir, settings)
+    if earlier is not None:
+        return earlier
+    write_job_record()  # .hydra/: only now, never over an earlier run's
 
     def make_trainer() -> L.Trainer:
         loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
@@ -227,14 +234,31 @@ def run(cfg: DictConfig) -> dict:
         )
 
     return finetune(
-        settings_from_config(cfg, model_path), out_dir, make_trainer, model_name=str(cfg.model),
+        settings, out_dir, make_trainer, model_name=str(cfg.model),
         hyperparameters=hyperparameters(cfg, model_path),
     )  # fmt: skip
+
+
+def _earlier_results(out_dir: Path, settings: FinetuneSettings) -> dict | None:
+    """The results.json a fine-tune with these settings wrote into `out_dir` already (it is not
+    run again); one with other settings is never overwritten."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return None
+    earlier = json.loads(path.read_text())
+    if earlier.get("settings") != json.loads(json.dumps(asdict(settings))):
+        raise UserError(
+            f"{out_dir} holds a fine-tune with other settings ({path}); give this one its own "
+            "hydra.run.dir"
+        )
+    log.info("already fine-tuned: %s; not run again", path)
+    return earlier
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    remember_job(cfg)  # its .hydra/ record is written once the checks pass (runs.write_job_record)
     with job_scope(
         "lmdistill.finetune"
     ):  # DDP ranks re-run this job only; sweeps reset between jobs

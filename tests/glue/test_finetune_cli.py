@@ -39,6 +39,25 @@ def test_tiny_finetune_writes_results(task, workdir, cache_dir):
     assert (out / "logs" / "metrics.csv").exists()
 
 
+def test_a_finished_fine_tune_is_kept(workdir, cache_dir):
+    """The same command in its directory again: not run again; other settings: refused in one
+    line, its results.json and .hydra/ unchanged."""
+    out = workdir / "out_rte"  # test_tiny_finetune_writes_results's run
+    args = [*COMMON, "task=rte", f"data.glue_dir={workdir / 'glue'}", f"hydra.run.dir={out}"]
+    if not (out / "results.json").is_file():  # this test alone
+        check_ok(run_cli(args, workdir, cache_dir, module="lmdistill.finetune", timeout=180))
+    files = [out / "results.json", *sorted((out / ".hydra").iterdir())]
+    before = {p: p.read_bytes() for p in files}
+    _, stdout, stderr = check_ok(
+        run_cli(args, workdir, cache_dir, module="lmdistill.finetune", timeout=180)
+    )
+    assert "already fine-tuned" in stdout + stderr
+    code, _, stderr = run_cli([*args, "lr=1e-4"], workdir, cache_dir, module="lmdistill.finetune")
+    assert code == 2 and "holds a fine-tune with other settings" in stderr, stderr
+    assert {p: p.read_bytes() for p in files} == before
+    assert sorted((out / ".hydra").iterdir()) == files[1:]  # no second record either
+
+
 def test_random_init_and_train_limit(workdir, cache_dir):
     out = workdir / "out_random"
     args = [*COMMON, "task=cola", "init=random", "data.train_limit=5", f"hydra.run.dir={out}"]
