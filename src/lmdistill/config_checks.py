@@ -18,7 +18,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lmdistill.errors import UserError
-from lmdistill.glue.tasks import TASKS
+from lmdistill.glue.tasks import TASKS, get_task
+from lmdistill.glue.tsv import task_file
 
 _ABSENT = object()
 
@@ -181,6 +182,11 @@ def _check_eval(cfg: DictConfig) -> None:
             f"eval.glue_dir {glue_dir} does not exist; point it at a folder of GLUE TSV files "
             "(CoLA/, RTE/, ...) or set eval.glue_dir=null to use the hub"
         )
+    if glue_dir is not None:  # every task's files, before a distillation that may take days
+        for name in _items(OmegaConf.to_container(cfg.eval.tasks, resolve=True)):
+            task = get_task(str(name))
+            for stem in ("train", *(s for _, s, _ in task.dev_splits)):
+                task_file(str(glue_dir), task, stem)
 
 
 def _show(value) -> str:

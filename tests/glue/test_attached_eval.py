@@ -165,6 +165,18 @@ def test_bad_eval_settings_are_refused(override, cache_dir):
     assert str(info.value) == REFUSED[override]
 
 
+def test_a_task_without_its_files_is_refused_before_distilling(tmp_path, cache_dir):
+    """write_glue has no QQP: the check names its first missing file, before anything runs."""
+    from lmdistill.config_checks import check_config
+
+    glue = write_glue(tmp_path / "glue", rows=8)
+    cfg = compose_distill([*TINY, "eval=glue", "eval.tasks=[rte,qqp]", f"eval.glue_dir={glue}"])
+    with pytest.raises(UserError, match=r"QQP/train\.tsv is missing; put the GLUE QQP files"):
+        check_config(cfg)
+    check_config(compose_distill([*TINY, "eval=glue", "eval.tasks=[rte,mrpc]",
+                                  f"eval.glue_dir={glue}"]))  # fmt: skip
+
+
 def test_teacher_assistant_is_evaluated_too(tmp_path, tiny_teacher_dir, cache_dir):
     """In-process on a summary as run_with_assistant returns it: both models' scores, the
     assistant's own report row."""
