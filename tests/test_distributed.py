@@ -259,6 +259,39 @@ def test_job_scope_restores_the_environment(monkeypatch):
     assert os.environ["KEEP"] == "1"
 
 
+def test_ranks_that_torchrun_or_slurm_start_log_to_their_own_file(tmp_path, monkeypatch):
+    """The log file of the composed Hydra config: <job>.log for rank 0, <job>_rank<r>.log for a
+    rank r > 0 that torchrun (RANK) or SLURM (SLURM_PROCID) started; the ranks lmdistill
+    launches name themselves (hydra.job.name=<job>_rank<r>) and get no second suffix."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    from lmdistill.resources import CONF_DIR, register_resolvers
+
+    register_resolvers()
+
+    def log_file(env: dict, job: str = "distill") -> str:
+        for name in ("RANK", "SLURM_PROCID"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("distill", return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            cfg.hydra.job.name = job
+        handler = OmegaConf.to_container(cfg.hydra.job_logging, resolve=True)["handlers"]["file"]
+        return Path(handler["filename"]).name
+
+    assert log_file({}) == "distill.log"
+    assert log_file({"RANK": "0"}) == "distill.log"
+    assert log_file({"RANK": "3"}) == "distill_rank3.log"
+    assert log_file({"SLURM_PROCID": "1"}) == "distill_rank1.log"
+    assert log_file({"RANK": "1"}, job="distill_rank1") == "distill_rank1.log"
+
+
 def test_teacher_assistant_runs_both_stages_in_one_ddp_job(workdir, cache_dir):
     """Both stages train in one fit of the job's process group (parameters of the idle stage
     get no gradient: DDP finds them unused); the ranks Lightning launches take rank 0's plan."""

@@ -116,15 +116,25 @@ def _teacher_layer(method_target: str | None, minilm_v2_layer: int | None) -> in
     return minilm_v2_layer if str(method_target).rsplit(".", 1)[-1] == "MiniLMv2" else None
 
 
+def _rank_suffix(job_name: str) -> str:
+    """`${rank_suffix:${hydra.job.name}}`: "_rank<r>" in a process that torchrun or a cluster
+    started as global rank r > 0, so that it logs to its own file; "" for rank 0 and for the
+    ranks lmdistill launches itself (their job name ends in _rank<r> already)."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+    if rank in (None, "", "0") or "_rank" in str(job_name):
+        return ""
+    return f"_rank{rank}"
+
+
 def register_resolvers() -> None:
     """`${package_dir:pkg,sub}`, `${tiny_teacher:cache_dir}`, `${teacher_layer:target,layer}`,
-    `${sweep_group:}`, `${job_name:}` and `${job_dirname:num,overrides}` for the configs
-    (idempotent)."""
+    `${sweep_group:}`, `${job_name:}`, `${job_dirname:num,overrides}` and
+    `${rank_suffix:job_name}` for the configs (idempotent)."""
     for name, fn in (("package_dir", package_dir), ("tiny_teacher", _tiny_teacher),
                      ("teacher_layer", _teacher_layer)):  # fmt: skip
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
     for name, fn in (("sweep_group", _sweep_group), ("job_name", _job_name),
-                     ("job_dirname", job_dirname)):  # fmt: skip
+                     ("job_dirname", job_dirname), ("rank_suffix", _rank_suffix)):  # fmt: skip
         if not OmegaConf.has_resolver(name):  # per job: never cached
             OmegaConf.register_new_resolver(name, fn, use_cache=False)
