@@ -221,7 +221,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     model_path = resolve_model(cfg)
     settings = settings_from_config(cfg, model_path)
-    earlier = _earlier_results(out_dir, settings)
+    earlier = finished_finetune(out_dir, settings, "give this one its own hydra.run.dir")
     if earlier is not None:
         return earlier
     write_job_record()  # .hydra/: only now, never over an earlier run's
@@ -239,20 +239,39 @@ def run(cfg: DictConfig) -> dict:
     )  # fmt: skip
 
 
-def _earlier_results(out_dir: Path, settings: FinetuneSettings) -> dict | None:
-    """The results.json a fine-tune with these settings wrote into `out_dir` already (it is not
-    run again); one with other settings is never overwritten."""
+def finished_finetune(out_dir: Path, settings: FinetuneSettings, fix: str) -> dict | None:
+    """The results.json of an earlier fine-tune of exactly `settings` in `out_dir` (it is not run
+    again), else None (nothing there); a UserError ending in `fix` when it holds other settings,
+    or is older than the model: an earlier fine-tune is never overwritten."""
     path = out_dir / "results.json"
     if not path.is_file():
         return None
-    earlier = json.loads(path.read_text())
-    if earlier.get("settings") != json.loads(json.dumps(asdict(settings))):
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
         raise UserError(
-            f"{out_dir} holds a fine-tune with other settings ({path}); give this one its own "
-            "hydra.run.dir"
+            f"{path} is not readable JSON ({err}); remove it to fine-tune again"
+        ) from err
+    recorded = results.get("settings") if isinstance(results, dict) else None
+    expected = asdict(settings)
+    if recorded != expected:
+        differ = sorted(k for k in expected if (recorded or {}).get(k, "?") != expected[k])
+        raise UserError(
+            f"{path} holds a fine-tune with other settings ({', '.join(differ)}); {fix}"
         )
-    log.info("already fine-tuned: %s; not run again", path)
-    return earlier
+    if path.stat().st_mtime < _export_time(settings.model):
+        raise UserError(
+            f"{path} is older than the student it claims to evaluate ({settings.model}); run in "
+            "a fresh output directory"
+        )
+    log.info("already fine-tuned: %s (score %.4f)", path, results["score"])
+    return results
+
+
+def _export_time(model_dir: str) -> float:
+    """When the model directory's files were last written (0 for a hub name)."""
+    files = [p for p in Path(model_dir).glob("*") if p.is_file()]
+    return max((p.stat().st_mtime for p in files), default=0.0)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")

@@ -19,10 +19,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-import json
 import logging
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -31,8 +30,7 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmdistill.errors import UserError
-from lmdistill.finetune import FinetuneSettings, finetune
+from lmdistill.finetune import FinetuneSettings, finetune, finished_finetune
 from lmdistill.glue.tasks import TaskSpec, get_task
 from lmdistill.hardware import resolve_precision
 from lmdistill.io import write_json_atomic
@@ -130,38 +128,11 @@ def base_settings(cfg: DictConfig, model_dir: str, task: TaskSpec) -> FinetuneSe
 
 
 def finished_point(point_dir: Path, settings: FinetuneSettings) -> dict | None:
-    """The results.json of an earlier fine-tune of exactly `settings` in `point_dir`, else None
-    (nothing there); a UserError when it holds other settings."""
-    path = point_dir / "results.json"
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(
-            f"{path} is not readable JSON ({err}); remove it to fine-tune again"
-        ) from err
-    recorded = results.get("settings") if isinstance(results, dict) else None
-    expected = asdict(settings)
-    if recorded != expected:
-        differ = sorted(k for k in expected if (recorded or {}).get(k, "?") != expected[k])
-        raise UserError(
-            f"{path} holds a fine-tune with other settings ({', '.join(differ)}); run in a "
-            "fresh output directory, or keep eval.* and the student as they were"
-        )
-    if path.stat().st_mtime < _export_time(settings.model):
-        raise UserError(
-            f"{path} is older than the student it claims to evaluate ({settings.model}); run in "
-            "a fresh output directory"
-        )
-    log.info("already fine-tuned: %s (score %.4f)", path, results["score"])
-    return results
-
-
-def _export_time(model_dir: str) -> float:
-    """When the model directory's files were last written (0 for a hub name)."""
-    files = [p for p in Path(model_dir).glob("*") if p.is_file()]
-    return max((p.stat().st_mtime for p in files), default=0.0)
+    """`finished_finetune` of a grid point (its results.json when it holds exactly `settings`)."""
+    return finished_finetune(
+        point_dir, settings, "run in a fresh output directory, or keep eval.* and the student as "
+        "they were",
+    )  # fmt: skip
 
 
 def metric_name(task: TaskSpec) -> str:
