@@ -211,3 +211,56 @@ def test_teacher_assistant_is_evaluated_too(tmp_path, tiny_teacher_dir, cache_di
     assert rows["stage1_assistant"].scores == {"rte": [100 * theirs["score"]]}
     assert (rows["stage1_assistant"].method, rows["stage1_assistant"].params) == ("minilm_v1", 2000)
     assert rows["run"].scores == {"rte": [100 * own["score"]]}
+
+
+def test_a_rerun_with_other_tasks_keeps_the_earlier_tasks(tmp_path, tiny_teacher_dir, cache_dir,
+                                                          caplog):  # fmt: skip
+    """Re-run in place with other eval.tasks: summary.json keeps the earlier task's points of
+    this export (read, not trained again), but not a point of another model or one older than
+    the export."""
+    import os
+
+    from omegaconf import open_dict
+
+    from lmdistill.glue.attached import evaluate_run
+    from lmdistill.report import make_report
+
+    glue = write_glue(tmp_path / "glue", rows=8)
+    run = tmp_path / "run"
+    student = shutil.copytree(tiny_teacher_dir, tmp_path / "S")
+
+    def evaluate(tasks: str, lrs: str) -> dict:
+        cfg = compose_distill([*TINY, "eval=glue", f"eval.tasks={tasks}", f"eval.lrs={lrs}",
+                               "eval.epochs=[1]", "eval.batch_size=4", f"eval.glue_dir={glue}"])  # fmt: skip
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run)
+        return evaluate_run(cfg, {"method": "minilm_v2", "export_dir": str(student)})
+
+    first = evaluate("[rte]", "[1e-4,3e-5]")["glue"]
+    kept = {p: p.stat().st_mtime_ns for p in (run / "eval").rglob("results.json")}
+    second = evaluate("[stsb]", "[1e-4]")
+    assert sorted(second["glue"]) == ["average", "rte", "stsb"]
+    assert second["glue"]["rte"] == first["rte"]  # its grid of two points, read back
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    (stsb,) = _points(run, "stsb").values()
+    assert second["glue"]["stsb"]["score"] == stsb["score"]
+    assert second["glue"]["average"] == pytest.approx((stsb["score"] + first["rte"]["score"]) / 2)
+    assert _read(run / "summary.json")["glue"] == second["glue"]
+    (row,) = make_report([run], out=tmp_path / "report")["rows"]
+    assert sorted(row.scores) == ["rte", "stsb"]
+
+    other = run / "eval" / "mrpc" / "other-model" / "results.json"  # another model's fine-tune
+    other.parent.mkdir(parents=True)
+    recorded = _read(next((run / "eval" / "stsb").glob("*/results.json")))
+    other.write_text(json.dumps({**recorded, "settings": {**recorded["settings"], "model": "x"}}))
+    old = next((run / "eval" / "rte").glob("*/results.json"))
+    os.utime(old, ns=(0, 0))  # older than the export: not a result of this export
+    third = evaluate("[stsb]", "[1e-4]")["glue"]
+    assert sorted(third) == ["average", "rte", "stsb"]
+    assert [p["results"] for p in third["rte"]["grid"]] == [
+        p["results"] for p in first["rte"]["grid"] if p["results"] != str(old.relative_to(run))
+    ]
+    assert (
+        f"left out of summary.json's glue: {other} is not a fine-tune of {student}" in caplog.text
+    )
+    assert f"{old} is older than the student" in caplog.text

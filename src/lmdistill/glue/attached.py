@@ -7,7 +7,9 @@ the chosen tasks over a small grid and write the scores into the run's summary.j
                   assistant.glue: the same for the assistant
 
 A task's score is the best dev score over the grid (a point's score: its best or last epoch,
-`eval.select`); `grid` keeps every point's. Runs on the global-zero rank after the export, in the
+`eval.select`); `grid` keeps every point's. A task that an earlier `eval.tasks` of this run
+evaluated the same export on (re-run in place) stays in `glue` with the points on disk
+(`finished_finetune` accepts them: this export's, not older than it). Runs on the global-zero rank after the export, in the
 job's own process (a sweep job fine-tunes on its own GPU), on the distillation's accelerator with
 one device. A point whose results.json holds the same settings is read, not trained again (a
 restarted job resumes its evaluation); one holding other settings, or older than the model, is refused, never overwritten.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import json
 import logging
 import warnings
 from dataclasses import replace
@@ -30,8 +33,9 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lmdistill.errors import UserError
 from lmdistill.finetune import FinetuneSettings, finetune, finished_finetune
-from lmdistill.glue.tasks import TaskSpec, get_task
+from lmdistill.glue.tasks import TASKS, TaskSpec, get_task
 from lmdistill.hardware import resolve_precision
 from lmdistill.io import write_json_atomic
 from lmdistill.tracking import update_wandb_summary
@@ -52,10 +56,8 @@ def evaluate_run(cfg: DictConfig, summary: dict) -> dict:
         models.append(("assistant", assistant, out_dir / EVAL_DIR / ASSISTANT_DIR))
     for name, entry, eval_dir in models:
         entry["glue"] = evaluate_model(cfg, entry["export_dir"], eval_dir, out_dir)
-        log.info(
-            "GLUE dev of the %s, best of %d setting(s) per task: %s", name,
-            len(grid_points(cfg.eval)), _scores_line(entry["glue"]),
-        )  # fmt: skip
+        log.info("GLUE dev of the %s, best of each task's grid: %s", name,
+                 _scores_line(entry["glue"]))  # fmt: skip
     write_json_atomic(out_dir / "summary.json", summary)
     log.info("GLUE scores written to %s", out_dir / "summary.json")
     update_wandb_summary(wandb_scores(summary))
@@ -82,7 +84,8 @@ def grid_points(ev: DictConfig) -> list[tuple[float, int, int]]:
 
 def evaluate_model(cfg: DictConfig, model_dir: str, eval_dir: Path, run_dir: Path) -> dict:
     """{task: {score, metric, lr, epochs, seed, metrics, grid}, "average": mean score} for one
-    model; scores are fractions, as in results.json."""
+    model: the tasks of `eval.tasks`, then those an earlier run evaluated it on
+    (`earlier_tasks`); scores are fractions, as in results.json."""
     scores: dict = {}
     for task in tasks_of(cfg.eval):
         grid = []
@@ -94,19 +97,61 @@ def evaluate_model(cfg: DictConfig, model_dir: str, eval_dir: Path, run_dir: Pat
                 with _quiet_lightning():
                     make_trainer = _trainer_factory(cfg, point_dir, epochs)
                     results = finetune(settings, point_dir, make_trainer)
-            grid.append({
-                "lr": lr, "epochs": epochs, "seed": seed, "score": results["score"],
-                "metrics": results["metrics"], "epoch": results["epoch"],
-                "results": str((point_dir / "results.json").relative_to(run_dir)),
-            })  # fmt: skip
-        best = max(grid, key=lambda point: point["score"])  # the first of equal scores
-        scores[task.name] = {
-            "score": best["score"], "metric": metric_name(task),
-            **{k: best[k] for k in ("lr", "epochs", "seed", "metrics")}, "grid": grid,
-        }  # fmt: skip
+            grid.append(_grid_entry(settings, results, point_dir, run_dir))
+        scores[task.name] = _task_entry(task, grid)
+    scores.update(earlier_tasks(model_dir, eval_dir, run_dir, skip=set(scores)))
     task_scores = [v["score"] for v in scores.values()]
     scores["average"] = sum(task_scores) / len(task_scores)
     return scores
+
+
+def earlier_tasks(model_dir: str, eval_dir: Path, run_dir: Path, skip: set[str]) -> dict:
+    """{task: entry} of the tasks outside `skip` that an earlier run evaluated `model_dir` on:
+    the points under `eval_dir`/<task>/ that `finished_finetune` accepts with their own settings
+    (this export's, not older than it); any other point is left out with a warning."""
+    scores = {}
+    for name, task in TASKS.items():
+        grid = []
+        for path in [] if name in skip else sorted((eval_dir / name).glob("*/results.json")):
+            settings = _recorded_settings(path)
+            try:
+                if settings is None or settings.model != str(model_dir):
+                    raise UserError(f"{path} is not a fine-tune of {model_dir}")
+                results = finished_finetune(path.parent, settings, "remove it")
+            except UserError as err:
+                log.warning("left out of summary.json's glue: %s", err)
+                continue
+            grid.append(_grid_entry(settings, results, path.parent, run_dir))
+        if grid:
+            scores[name] = _task_entry(task, grid)
+    return scores
+
+
+def _recorded_settings(path: Path) -> FinetuneSettings | None:
+    """The settings a results.json records, or None when it records none readable."""
+    try:
+        return FinetuneSettings(**json.loads(path.read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _grid_entry(settings: FinetuneSettings, results: dict, point_dir: Path, run_dir: Path) -> dict:
+    """One point of a task's `grid`: its settings, score and where its results.json is."""
+    return {
+        "lr": settings.lr, "epochs": settings.epochs, "seed": settings.seed,
+        "score": results["score"], "metrics": results["metrics"], "epoch": results["epoch"],
+        "results": str((point_dir / "results.json").relative_to(run_dir)),
+    }  # fmt: skip
+
+
+def _task_entry(task: TaskSpec, grid: list[dict]) -> dict:
+    """A task's entry: the best point's score and settings (the first of equal scores), and
+    the whole `grid`."""
+    best = max(grid, key=lambda point: point["score"])
+    return {
+        "score": best["score"], "metric": metric_name(task),
+        **{k: best[k] for k in ("lr", "epochs", "seed", "metrics")}, "grid": grid,
+    }  # fmt: skip
 
 
 def tasks_of(ev: DictConfig) -> list[TaskSpec]:
