@@ -9,11 +9,12 @@ the chosen tasks over a small grid and write the scores into the run's summary.j
 A task's score is the best dev score over the grid (a point's score: its best or last epoch,
 `eval.select`); `grid` keeps every point's. A task that an earlier `eval.tasks` of this run
 evaluated the same export on (re-run in place) stays in `glue` with the points on disk
-(`finished_finetune` accepts them: this export's, not older than it). Runs on the global-zero rank after the export, in the
-job's own process (a sweep job fine-tunes on its own GPU), on the distillation's accelerator with
-one device. A point whose results.json holds the same settings is read, not trained again (a
-restarted job resumes its evaluation); one holding other settings, or older than the model, is refused, never overwritten.
-The scores also go into the summary of the job's W&B run, if it logs to one (`wandb_scores`).
+(`finished_finetune` accepts them: this export's, not older than it). Runs on the global-zero
+rank after the export, in the job's own process (a sweep job fine-tunes on its own GPU), on the
+distillation's accelerator with one device. A point whose results.json holds the same settings
+is read, not trained again (a restarted job resumes its evaluation); one holding other settings,
+or older than the model, is refused, never overwritten. The scores also go into the summary of
+the job's W&B run, if it logs to one (`wandb_scores`).
 """
 
 from __future__ import annotations
