@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def finish_wandb(trainer) -> None:
@@ -32,3 +33,22 @@ def update_wandb_summary(values: dict) -> None:
     run = _active_wandb_run()
     if run is not None:
         run.summary.update(values)
+
+
+def open_job_wandb_run(logger_cfg, run_dir: Path):
+    """Where the job logs to W&B (`logger_cfg`: the config's `logger` group) but no W&B run is
+    open (a finished run re-run for `eval=glue`: nothing was trained): open the configured one,
+    resuming the run directory's latest W&B run (its id, `<run_dir>/wandb/latest-run`), if any.
+    Returns the job's W&B run (None: it logs to none)."""
+    if _active_wandb_run() is not None or not logger_cfg:
+        return _active_wandb_run()
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.loggers import WandbLogger
+
+    for conf in logger_cfg.values():
+        if issubclass(get_class(conf._target_), WandbLogger):
+            latest = Path(run_dir) / "wandb" / "latest-run"
+            run_id = latest.resolve().name.rsplit("-", 1)[-1] if latest.is_dir() else None
+            resume = {"id": run_id, "resume": "allow"} if run_id else {}
+            return instantiate(conf, **resume).experiment  # wandb.init: the job's run from now
+    return None

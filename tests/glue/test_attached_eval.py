@@ -114,6 +114,16 @@ def test_a_restart_fine_tunes_only_the_missing_points(evaluated, cache_dir):
     summary = _read(run / "summary.json")
     assert summary["steps"] == steps
     assert summary["glue"]["rte"]["score"] == max(r["score"] for r in _points(run, "rte").values())
+    # nothing was trained, so no W&B run was open: the scores go to the distillation's, resumed
+    from wandb_offline import read_offline_summary
+
+    first, resumed = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert resumed.name == first.name  # run-<id>.wandb: the same W&B run
+    logged = read_offline_summary(resumed)
+    assert {k: v for k, v in logged.items() if k.startswith("glue/")} == {
+        "glue/stsb": summary["glue"]["stsb"]["score"], "glue/rte": summary["glue"]["rte"]["score"],
+        "glue/average": summary["glue"]["average"],
+    }  # fmt: skip
 
 
 def test_a_point_with_other_settings_is_refused(evaluated):

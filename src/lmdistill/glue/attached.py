@@ -14,7 +14,8 @@ rank after the export, in the job's own process (a sweep job fine-tunes on its o
 distillation's accelerator with one device. A point whose results.json holds the same settings
 is read, not trained again (a restarted job resumes its evaluation); one holding other settings,
 or older than the model, is refused, never overwritten. The scores also go into the summary of
-the job's W&B run, if it logs to one (`wandb_scores`).
+the job's W&B run, if it logs to one (`wandb_scores`; a finished run re-run resumes its earlier
+W&B run for them).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lmdistill.finetune import FinetuneSettings, finetune, finished_finetune
 from lmdistill.glue.tasks import TASKS, TaskSpec, get_task
 from lmdistill.hardware import resolve_precision
 from lmdistill.io import write_json_atomic
-from lmdistill.tracking import update_wandb_summary
+from lmdistill.tracking import open_job_wandb_run, update_wandb_summary
 
 log = logging.getLogger("lmdistill")
 
@@ -61,6 +62,7 @@ def evaluate_run(cfg: DictConfig, summary: dict) -> dict:
                  _scores_line(entry["glue"]))  # fmt: skip
     write_json_atomic(out_dir / "summary.json", summary)
     log.info("GLUE scores written to %s", out_dir / "summary.json")
+    open_job_wandb_run(cfg.get("logger"), out_dir)  # a finished run re-run: its earlier W&B run
     update_wandb_summary(wandb_scores(summary))
     return summary
 
