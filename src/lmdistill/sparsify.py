@@ -130,9 +130,9 @@ def load_model(name_or_path: str, loss: str, revision=None, trust_remote_code=Fa
             dtype=torch.float32,
             output_loading_info=True,
         )  # fmt: skip
-    if loss == "mlm" and (getattr(model, "cls", None) is None or info["missing_keys"]):
+    if loss == "mlm" and (model.get_output_embeddings() is None or info["missing_keys"]):
         raise UserError(
-            f"the MLM head of {name_or_path} is missing or not BERT's (missing "
+            f"the MLM head of {name_or_path} is missing or incomplete (missing "
             f"{info['missing_keys'][:2]}); use loss=relation"
         )
     return model.eval().requires_grad_(False), loss

@@ -85,6 +85,28 @@ def test_every_trainable_parameter_gets_a_gradient_even_with_an_idle_expert(
         assert not any("relation_projection" in n for n, _ in module.named_parameters())
 
 
+@pytest.mark.parametrize("x,y,site", [(1, 1, "last_layer"), (2, 1, "last_layer"),
+                                      (1, 2, "last_layer"), (2, 2, "last_layer"),
+                                      (2, 2, "top_projection")])  # fmt: skip
+def test_gradient_map_of_each_relation_site_and_expert_placement(teacher, padded_batch, x, y, site):
+    """docs/methods.md section 5: at the last-layer site the top layer's Q/K/V (its experts and
+    their router, which only the load balance reaches) train; its attention output, its FFN and
+    the pooler never get a gradient. At the top projection only the pooler does not."""
+    module = _module(teacher, x, y, relation_site=site)
+    top = "student.encoder.layer.1."
+    qkv = ("attention.self.", "attention.qkv_", "attention.router.")
+    expected = {n for n, _ in module.named_parameters() if n.startswith("student.pooler.")
+                or (site == "last_layer" and n.startswith(top) and not n.startswith(qkv, len(top)))}  # fmt: skip
+    assert set(module.frozen_parameters) == expected
+    module.training_step(padded_batch, 0).backward()
+    trained = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for g in trained.values())
+    kinds = [k for k, e in (("attention", x), ("ffn", y)) if e > 1]
+    top_kinds = kinds if site == "top_projection" else [k for k in kinds if k == "attention"]
+    routed = [(r.layer, r.kind) for r in module.student.routing]  # all in the load balance
+    assert routed == [(0, k) for k in kinds] + [(1, k) for k in top_kinds]
+
+
 def test_routing_metrics_are_loads_and_entropies(teacher, padded_batch):
     module = _module(teacher, 2, 4)
     module.student_qkv(padded_batch)

@@ -1,4 +1,4 @@
-"""Tiny BERT models of the sparsification tests (a module of its own: test files import it by
+"""Tiny BERT (RoBERTa, XLM-R) models of the sparsification tests (a module of its own: test files import it by
 name)."""
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ TINY = dict(
 )  # fmt: skip
 
 
-def tiny_bert(mlm: bool = False, seed: int = 0, dtype=torch.float32):
-    """A random tiny BertModel (or BertForMaskedLM, decoder tied), eval mode, frozen."""
-    from transformers import BertConfig, BertForMaskedLM, BertModel
+def tiny_bert(mlm: bool = False, seed: int = 0, dtype=torch.float32, family: str = "bert"):
+    """A random tiny BertModel (or BertForMaskedLM, decoder tied), eval mode, frozen; `family`
+    "roberta" or "xlm-roberta": the same shape as RoBERTa / XLM-R (positions numbered from the
+    padding id + 1, with the `batch` fixture's padding id 0; the MLM head `lm_head`)."""
+    import transformers as tf
 
+    names = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[family]
+    extra = {} if family == "bert" else {"pad_token_id": 0}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        config = BertConfig(**TINY)
-        cls = BertForMaskedLM if mlm else BertModel
+        config = getattr(tf, f"{names}Config")(**TINY, **extra)
+        cls = getattr(tf, f"{names}ForMaskedLM" if mlm else f"{names}Model")
         model = cls._from_config(config, attn_implementation="sdpa")
     return model.to(dtype).eval().requires_grad_(False)
 

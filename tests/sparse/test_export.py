@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from sparse_nets import tiny_bert
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
@@ -20,8 +21,9 @@ from lmdistill.sparse import SparsityPlan, slice_model
 PLAN = SparsityPlan(90, 68, [0, 3], [20, 0], 16, 0, 0)
 
 
-def test_encoder_round_trip(tmp_path, batch, tiny_teacher_dir):
-    student = slice_model(tiny_bert(), PLAN)
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoder_round_trip(tmp_path, batch, tiny_teacher_dir, family):
+    student = slice_model(tiny_bert(family=family), PLAN)
     out = export_student(student, tiny_teacher_dir, tmp_path / "student", {"method": "test"})
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "lmdistill-sparse"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from sparse_nets import tiny_bert
 
@@ -45,8 +46,9 @@ def _autograd(loss_at, masks: Masks, entries=ENTRIES) -> dict:
     return {(name, index): float(named[name][index]) for name, index in entries}
 
 
-def test_mlm_mask_gradients_match_finite_differences(batch):
-    model = tiny_bert(mlm=True, dtype=torch.float64)
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_mlm_mask_gradients_match_finite_differences(batch, family):
+    model = tiny_bert(mlm=True, dtype=torch.float64, family=family)
 
     def loss_at(masks):
         with apply_masks(model, masks):
@@ -57,6 +59,19 @@ def test_mlm_mask_gradients_match_finite_differences(batch):
     for key in ENTRIES:
         assert abs(exact[key] - numeric[key]) <= 1e-6 + 1e-5 * abs(numeric[key]), key
     assert sum(abs(v) for v in exact.values()) > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
+def test_an_mlm_head_other_than_berts_is_scored_with_the_mlm_loss(tmp_path, batch, family):
+    """loss=auto: RoBERTa's and XLM-R's `lm_head` is an MLM head as BERT's `cls` is."""
+    from lmdistill.sparsify import load_model
+
+    tiny_bert(mlm=True, family=family).save_pretrained(tmp_path)
+    model, loss = load_model(str(tmp_path), "auto")
+    assert loss == "mlm" and model.get_output_embeddings() is model.lm_head.decoder
+    sums = ImportanceSums.zeros(model.config)
+    accumulate(model, batch, sums, "mlm", seed=5, mlm=SPEC)
+    assert all((t > 0).any() for t in (sums.head, sums.neuron, sums.hidden))
 
 
 def test_relation_mask_gradients_match_finite_differences(batch):

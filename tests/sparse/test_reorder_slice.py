@@ -11,6 +11,8 @@ from lmdistill.models.sparse import SparseBertConfig, SparseBertModel, sparse_gf
 from lmdistill.sparse import Masks, SparsityPlan, apply_masks, plan_sparsity, reorder_model
 from lmdistill.sparse.slicing import slice_model
 
+FAMILIES = ["bert", "roberta", "xlm-roberta"]
+
 
 def test_reorder_preserves_the_encoder_up_to_the_hidden_permutation(batch):
     model = tiny_bert()
@@ -25,12 +27,13 @@ def test_reorder_preserves_the_encoder_up_to_the_hidden_permutation(batch):
     )
 
 
-def test_reorder_preserves_mlm_logits_and_the_tied_head(batch):
-    model = tiny_bert(mlm=True)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reorder_preserves_mlm_logits_and_the_tied_head(batch, family):
+    model = tiny_bert(mlm=True, family=family)
     before = model(**batch).logits
     reorder_model(model, *random_orders(1))
     torch.testing.assert_close(model(**batch).logits, before, atol=1e-5, rtol=0)
-    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 def _masks(plan: SparsityPlan, heads, neurons, hidden) -> Masks:
@@ -55,9 +58,11 @@ PLANS = [
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"s{p.sparsity:g}")
 @pytest.mark.parametrize("mlm", [False, True], ids=["encoder", "mlm"])
-def test_sliced_model_equals_masked_full_model(plan, mlm, batch):
-    """Masks on the original model (independent of reorder and slicing) vs the sliced model."""
-    model = tiny_bert(mlm=mlm)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sliced_model_equals_masked_full_model(plan, mlm, family, batch):
+    """Masks on the original model (independent of reorder and slicing) vs the sliced model
+    (RoBERTa, XLM-R: their positions and MLM head kept)."""
+    model = tiny_bert(mlm=mlm, family=family)
     orders = random_orders(2)
     with apply_masks(model, _masks(plan, *orders)):
         masked = model(**batch)
@@ -76,6 +81,7 @@ def test_sliced_model_equals_masked_full_model(plan, mlm, batch):
         torch.testing.assert_close(
             sliced.pooler_output, masked.pooler_output[..., keep], atol=1e-5, rtol=0
         )
+    assert sliced_model.config.padded_positions == (family != "bert")
     layers = sliced_model.base_model.encoder.layer
     for layer, h, n in zip(layers, plan.layer_heads, plan.layer_intermediate, strict=True):
         assert (layer.attention is None) == (h == 0) and (layer.intermediate is None) == (n == 0)

@@ -7,12 +7,13 @@ import torch
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.models.bert.modeling_bert import BertEmbeddings
+from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
 
 class BertStylePreTrainedModel(PreTrainedModel):
     """Base of the encoders and their heads: BERT init (normal Linear/Embedding weights, zero
-    biases, unit LayerNorms) and BERT's position and token-type buffers. Name `config_class` and
-    `_no_split_modules`."""
+    biases, unit LayerNorms) and the position and token-type buffers of BERT's (or RoBERTa's)
+    embeddings. Name `config_class` and `_no_split_modules`."""
 
     base_model_prefix = "bert"
     supports_gradient_checkpointing = False
@@ -21,7 +22,7 @@ class BertStylePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, BertEmbeddings):
+        if isinstance(module, (BertEmbeddings, RobertaEmbeddings)):
             init.copy_(
                 module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1))
             )

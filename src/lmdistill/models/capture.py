@@ -1,7 +1,8 @@
 """Capture the query, key and value projections of one encoder layer.
 
 A forward pre-hook on `encoder.layer[i]` receives that layer's input hidden states, computes the
-layer's own `attention.self.{query,key,value}` Linear outputs (bias included) and stops the
+layer's own `attention.self.{query,key,value}` Linear outputs (bias included; MiniMoE attention
+experts: each token's own expert, and the routing is recorded as the model's) and stops the
 forward pass there by raising. Layers above `i`, and layer `i`'s attention output and FFN, are
 never computed. The model itself runs unmodified with its fast (SDPA) attention.
 """
@@ -62,8 +63,9 @@ def forward_qkv(model: nn.Module, layer_index: int, **inputs: torch.Tensor) -> Q
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # [B, L, d]
         project = getattr(layer.attention, "project_qkv", None)  # MiniMoE attention experts
-        if project is not None:
-            (q, k, v), *_ = project(hidden, args[2])  # each token's own expert
+        if project is not None:  # its routing joins the pass's (load balance, logging)
+            (q, k, v), stats, *_ = project(hidden, args[2])  # each token's own expert
+            model.record_routing(layer_index, "attention", stats)
             raise StopForward(QKV(q, k, v))
         raise StopForward(
             QKV(attention.query(hidden), attention.key(hidden), attention.value(hidden))

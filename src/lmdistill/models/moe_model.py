@@ -1,7 +1,8 @@
 """MiniMoE students as Hugging Face models: `MiniMoEModel`, `MiniMoEForSequenceClassification`.
 
 After a forward pass, `model.routing` lists the routing of every MoE sublayer of that pass as
-`MoERouting(layer, kind, stats)` (padding marked in `stats.real`): the distillation module reads
+`MoERouting(layer, kind, stats)` (padding marked in `stats.real`), also of a pass that Q/K/V
+capture stops at a layer's attention experts (`record_routing`): the distillation module reads
 it for the load-balance loss and for logging; it is not part of the model's outputs.
 """
 
@@ -126,9 +127,14 @@ class MiniMoEModel(BertStyleEncoder, MiniMoEPreTrainedModel):
         self.routing = []
         for i, layer in enumerate(self.encoder.layer):
             hidden, routing = layer(hidden, mask, real)
-            self.routing += [MoERouting(i, kind, stats) for kind, stats in routing.items()]
+            for kind, stats in routing.items():
+                self.record_routing(i, kind, stats)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+    def record_routing(self, layer: int, kind: str, stats: RoutingStats) -> None:
+        """Add the routing of one MoE sublayer (0-based `layer`) to this pass's `routing`."""
+        self.routing.append(MoERouting(layer, kind, stats))
 
 
 class MiniMoEForSequenceClassification(EncoderForSequenceClassification, MiniMoEPreTrainedModel):

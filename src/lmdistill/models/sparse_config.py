@@ -12,7 +12,8 @@ class SparseBertConfig(BertConfig):
     `layer_heads[i]` heads of `head_size` dims each and `layer_intermediate[i]` FFN neurons; a
     layer with 0 heads (0 neurons) skips its attention (FFN) sublayer. `num_attention_heads` and
     `intermediate_size` hold the largest per-layer values (for tools that read them); they do not
-    decide the shape.
+    decide the shape. `padded_positions`: the embeddings number positions as RoBERTa's do
+    (real tokens from pad_token_id + 1, padding at pad_token_id), as the sliced teacher did.
     """
 
     model_type = "lmdistill-sparse"
@@ -21,6 +22,7 @@ class SparseBertConfig(BertConfig):
     layer_intermediate: list[int] | None = None  # FFN neurons kept in each layer
     head_size: int = 0  # dims per head (0: hidden_size // num_attention_heads)
     sparsity: float | None = None  # target sparsity (percent) this shape was planned for
+    padded_positions: bool = False  # positions numbered from pad_token_id + 1 (RoBERTa, XLM-R)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

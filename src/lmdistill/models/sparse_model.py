@@ -25,6 +25,7 @@ from transformers.models.bert.modeling_bert import (
     BertOnlyMLMHead,
     BertPooler,
 )
+from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 
 from lmdistill.models.bert_style import BertStyleEncoder, BertStylePreTrainedModel
 from lmdistill.models.classification import EncoderForSequenceClassification
@@ -111,7 +112,7 @@ class SparseBertLayer(nn.Module):
 class SparseBertPreTrainedModel(BertStylePreTrainedModel):
     config_class = SparseBertConfig
     config: SparseBertConfig
-    _no_split_modules = ["BertEmbeddings", "SparseBertLayer"]
+    _no_split_modules = ["BertEmbeddings", "RobertaEmbeddings", "SparseBertLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -122,11 +123,13 @@ class SparseBertPreTrainedModel(BertStylePreTrainedModel):
 
 
 class SparseBertModel(BertStyleEncoder, SparseBertPreTrainedModel):
-    """BERT embeddings (width d') + sparse layers (+ pooler d' -> d')."""
+    """BERT embeddings (width d'; RoBERTa's with `padded_positions`) + sparse layers (+ pooler
+    d' -> d')."""
 
     def __init__(self, config: SparseBertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
-        self.embeddings = BertEmbeddings(config)
+        embeddings = RobertaEmbeddings if config.padded_positions else BertEmbeddings
+        self.embeddings = embeddings(config)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(
             SparseBertLayer(config, h, i)

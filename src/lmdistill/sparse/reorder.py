@@ -46,8 +46,8 @@ def reorder_model(
 ) -> nn.Module:
     """Permute `model` in place and return it.
 
-    model: a BERT-family encoder (`BertModel`, RoBERTa, ...) or one with BERT's MLM head
-    (`...ForMaskedLM`); head_order [layers, A], neuron_order [layers, I], hidden_order [d]:
+    model: a BERT-family encoder (`BertModel`, RoBERTa, ...) or one with its MLM head
+    (`BertForMaskedLM`, `RobertaForMaskedLM`, ...); head_order [layers, A], neuron_order [layers, I], hidden_order [d]:
     the new position j takes the old unit order[j].
     """
     base = getattr(model, "base_model", model)
@@ -74,24 +74,38 @@ def reorder_model(
         _norm(layer.output.LayerNorm, h, done)
     if getattr(base, "pooler", None) is not None:
         _linear(base.pooler.dense, h, h, done)
-    head = getattr(model, "cls", None)
-    if head is not None:
-        predictions = getattr(head, "predictions", None)
-        if predictions is None or getattr(head, "seq_relationship", None) is not None:
-            raise UserError(
-                f"cannot reorder the heads of {type(model).__name__}; load the encoder alone "
-                "(AutoModel) or with its MLM head (AutoModelForMaskedLM)"
-            )
-        _linear(predictions.transform.dense, h, h, done)
-        _norm(predictions.transform.LayerNorm, h, done)
-        decoder = predictions.decoder.weight  # [V, d], usually tied to the word embeddings
-        if id(decoder) not in done:
-            _permute(decoder, 1, h, done)
+    if model is not base:
+        _reorder_mlm_head(model, h, done)
     untouched = [n for n, p in model.named_parameters() if id(p) not in done]
-    untouched = [n for n in untouched if not n.endswith(("predictions.bias", "decoder.bias"))]
     if untouched:
         raise UserError(
             f"cannot reorder {type(model).__name__}: parameters {untouched[:3]} are not part of "
             "a BERT encoder or MLM head; sparsify a BERT, RoBERTa or XLM-R style model"
         )
     return model
+
+
+def mlm_head_parts(model: nn.Module) -> tuple[nn.Linear, nn.LayerNorm, nn.Linear]:
+    """(transform Linear(d, d), its LayerNorm(d), decoder [V, d] with its vocabulary bias [V]) of
+    the MLM head of `model`: BERT's `cls.predictions`, RoBERTa's and XLM-R's `lm_head` (dense,
+    GELU, LayerNorm, decoder: BERT's computation), found by structure."""
+    base, decoder = model.base_model, model.get_output_embeddings()
+    d = model.config.hidden_size
+    head = [m for child in model.children() if child is not base for m in child.modules()]
+    dense = [m for m in head if isinstance(m, nn.Linear) and m.weight.shape == (d, d)]
+    norms = [m for m in head if isinstance(m, nn.LayerNorm)]
+    if decoder is None or decoder.bias is None or len(dense) != 1 or len(norms) != 1:
+        raise UserError(
+            f"{type(model).__name__} has no MLM head of a transform, a LayerNorm and a decoder; "
+            "load the encoder alone (AutoModel) or with its MLM head (AutoModelForMaskedLM)"
+        )
+    return dense[0], norms[0], decoder
+
+
+def _reorder_mlm_head(model: nn.Module, h: torch.Tensor, done: set[int]) -> None:
+    transform, norm, decoder = mlm_head_parts(model)
+    _linear(transform, h, h, done)
+    _norm(norm, h, done)
+    if id(decoder.weight) not in done:  # usually tied to the word embeddings: reordered there
+        _permute(decoder.weight, 1, h, done)
+    done.add(id(decoder.bias))  # over the vocabulary: unchanged
