@@ -126,6 +126,22 @@ def test_a_restart_fine_tunes_only_the_missing_points(evaluated, cache_dir):
     }  # fmt: skip
 
 
+def test_ckpt_path_last_evaluates_the_finished_run_in_its_own_directory(evaluated, cache_dir):
+    work, run, args = evaluated
+    missing = run / "eval" / "stsb" / POINTS[0] / "results.json"
+    missing.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (run / "eval").rglob("results.json")}
+    elsewhere = work / "elsewhere"
+    check_ok(run_cli([*args, "ckpt_path=last", f"hydra.run.dir={elsewhere}"], work, cache_dir))
+    assert missing.is_file()  # finished where the run's other points are
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert not (elsewhere / "eval").exists() and not (elsewhere / "summary.json").exists()
+    summary = _read(run / "summary.json")
+    assert summary["glue"]["stsb"]["score"] == max(
+        r["score"] for r in _points(run, "stsb").values()
+    )
+
+
 def test_a_point_with_other_settings_is_refused(evaluated):
     from lmdistill.finetune import FinetuneSettings
     from lmdistill.glue.attached import finished_point

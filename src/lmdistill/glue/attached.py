@@ -50,8 +50,14 @@ ASSISTANT_DIR = "assistant"
 
 def evaluate_run(cfg: DictConfig, summary: dict) -> dict:
     """Fine-tune the run's student (and its teacher assistant) on `cfg.eval`'s GLUE grid; adds
-    `glue` (and `assistant.glue`) to `summary`, rewrites `<run>/summary.json`; returns `summary`."""
-    out_dir = Path(cfg.paths.output_dir)
+    `glue` (and `assistant.glue`) to `summary`, rewrites `<run>/summary.json`; returns `summary`.
+
+    `<run>` is the run the summary belongs to, where its student was exported (`<run>/student`):
+    the job's own directory, or a finished run that `ckpt_path=last` found elsewhere (its grid
+    points are there, and its summary is the student's record)."""
+    out_dir = Path(summary["export_dir"]).parent
+    if out_dir.resolve() != Path(cfg.paths.output_dir).resolve():
+        log.info("evaluating the finished run %s in its own directory", out_dir)
     models = [("student", summary, out_dir / EVAL_DIR)]
     assistant = summary.get("assistant")
     if isinstance(assistant, dict) and assistant.get("export_dir"):
