@@ -5,7 +5,9 @@ string `qq:1`); without these checks they surface later as tracebacks from PyTor
 a `**` unpacking. `check_config(cfg)` raises a `UserError` (one line: the value, then the fix) for
 the first bad value among the fields the config has, so the entry points of lmdistill-distill
 and lmdistill-finetune share it: each config has only some of the fields below. The `eval` group
-of lmdistill-distill (GLUE after distillation) is checked here too, before distillation starts.
+of lmdistill-distill (GLUE after distillation) is checked here too, before distillation starts,
+and so are trainer.accelerator, .devices and .precision against this machine (a GPU setting where
+PyTorch sees no GPU, 16-mixed on a CPU).
 """
 
 from __future__ import annotations
@@ -178,7 +180,9 @@ def _check_devices(cfg: DictConfig) -> None:
     trainer = OmegaConf.select(cfg, "trainer")
     if trainer is None:
         return  # lmdistill-sparsify: `device`
-    accelerator = str(trainer.get("accelerator", "auto"))
+    accelerator = trainer.get("accelerator", "auto")
+    if not isinstance(accelerator, str):
+        return  # an Accelerator instantiated from its own config: Lightning checks it
     names = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
     if accelerator not in names:
         raise UserError(
