@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from cli_helpers import TINY, check_ok, cli_env, compose_distill, write_corpus
+from cli_helpers import TINY, check_ok, cli_env, compose_distill, run_cli, write_corpus
+from hydra import initialize_config_dir
+from test_distill_errors import _assert_one_error_line
+
+from lmdistill.errors import UserError
 
 TESTS = str(Path(__file__).parent)
 
@@ -161,6 +165,60 @@ def test_ray_preset_takes_one_gpu_per_device():
     assert cfg.hydra.launcher._target_.endswith("RayLauncher")
     assert ray.remote.num_gpus == 2 and ray.remote.max_calls == 1 and ray.remote.max_retries == 0
     assert ray.init.address is None and ray.init.include_dashboard is False
+
+
+def multirun_config(overrides: list[str]):
+    """The config a `-m` sweep's callbacks get (sweep overrides unexpanded)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from lmdistill.resources import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        return loader.load_configuration("distill", overrides, run_mode=RunMode.MULTIRUN)
+
+
+RAY_REFUSED = {
+    "devices": (["trainer.devices=1,2"], "(num_gpus = the base trainer.devices, 1)"),
+    "group": (["trainer=default,ddp"], "(num_gpus = the base trainer.devices, 1)"),
+    "ddp_base": (["trainer=ddp", "trainer.devices=range(1,5)"], "(num_gpus = the base trainer.devices, 2)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(RAY_REFUSED))
+def test_ray_refuses_a_swept_device_count(case):
+    from lmdistill.sweep_checks import check_sweep
+
+    overrides, base = RAY_REFUSED[case]
+    cfg = multirun_config(["hydra/launcher=ray_gpus", *overrides])
+    with pytest.raises(UserError) as info:
+        check_sweep(cfg)
+    message = str(info.value)
+    assert base in message and f"swept {overrides[-1]};" in message, message
+    assert message.endswith("hydra.launcher.ray.remote.num_gpus=<N>"), message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["hydra/launcher=ray_gpus", "trainer.devices=2", "method=minilm_v1,minilm_v2"],
+     ["hydra/launcher=ray_gpus", "trainer.devices=1,2", "hydra.launcher.ray.remote.num_gpus=2"],
+     ["trainer.devices=1,2"], ["hydra/launcher=slurm", "trainer=default,ddp"]],
+)  # fmt: skip
+def test_ray_sweeps_it_can_run_pass(overrides):
+    from lmdistill.sweep_checks import check_sweep
+
+    check_sweep(multirun_config(overrides))
+
+
+def test_ray_refusal_is_one_line_before_any_job(tmp_path, cache_dir):
+    out = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=ray_gpus", "trainer.devices=1,2", f"hydra.sweep.dir={out}"]
+    code, _, stderr = run_cli(args, tmp_path, cache_dir, timeout=120)
+    _assert_one_error_line(code, stderr, "ray_gpus", "trainer.devices=1,2", "num_gpus=<N>")
+    assert not out.exists()  # not even multirun.yaml: the sweeper never started
 
 
 # --- SLURM through submitit ----------------------------------------------------------------------

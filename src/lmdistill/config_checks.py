@@ -5,21 +5,26 @@ string `qq:1`); without these checks they surface later as tracebacks from PyTor
 a `**` unpacking. `check_config(cfg)` raises a `UserError` (one line: the value, then the fix) for
 the first bad value among the fields the config has, so the entry points of lmdistill-distill
 and lmdistill-finetune share it: each config has only some of the fields below. The `eval` group
-of lmdistill-distill (GLUE after distillation) is checked here too, before distillation starts.
+of lmdistill-distill (GLUE after distillation) is checked here too, before distillation starts,
+and so are trainer.accelerator, .devices and .precision against this machine (a GPU setting where
+PyTorch sees no GPU, 16-mixed on a CPU).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
 
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lmdistill.errors import UserError
 from lmdistill.glue.tasks import TASKS, get_task
 from lmdistill.glue.tsv import task_file
+from lmdistill.hardware import check_precision, on_mps, trains_on_cuda
 
 _ABSENT = object()
 
@@ -152,6 +157,7 @@ def check_config(cfg: DictConfig) -> None:
             raise UserError(f"{key}={_show(value)} {problem}; {fix}")
     _check_distill_steps(cfg)
     _check_eval(cfg)
+    _check_devices(cfg)
 
 
 def _check_distill_steps(cfg: DictConfig) -> None:
@@ -165,6 +171,69 @@ def _check_distill_steps(cfg: DictConfig) -> None:
             f"trainer.max_steps={_show(value)} {problem}: a distillation trains that many "
             "optimizer steps; e.g. trainer.max_steps=1000"
         )
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """trainer.accelerator, .devices and .precision (and eval.precision) that this machine cannot
+    honour: Lightning would stop with several lines after the models are loaded, or (16-mixed on
+    a CPU) train in bf16-mixed instead."""
+    trainer = OmegaConf.select(cfg, "trainer")
+    if trainer is None:
+        return  # lmdistill-sparsify: `device`
+    accelerator = trainer.get("accelerator", "auto")
+    if not isinstance(accelerator, str):
+        return  # an Accelerator instantiated from its own config: Lightning checks it
+    names = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+    if accelerator not in names:
+        raise UserError(
+            f"unknown trainer.accelerator '{accelerator}'; use one of {', '.join(names)}"
+        )
+    on_cuda = trains_on_cuda(accelerator)
+    if accelerator in ("gpu", "cuda") and not on_cuda:
+        raise UserError(
+            f"trainer.accelerator={accelerator}, but PyTorch finds no CUDA GPU on this machine; "
+            "use trainer.accelerator=auto (or cpu), or run where a GPU is visible"
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not on_cuda and not on_mps())
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, ListConfig):
+        devices = OmegaConf.to_object(devices)
+    problem = _devices_problem(devices, on_cpu)
+    if problem is not None:
+        raise UserError(f"trainer.devices={_show(devices)} {problem}")
+    for key in ("trainer.precision", "eval.precision"):
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if check_precision(value, key) == "16-mixed" and on_cpu:
+            raise UserError(
+                f"{key}=16-mixed needs a CUDA GPU: on the CPU Lightning trains in bf16-mixed "
+                f"instead; use {key}=bf16-mixed (or 32, or auto) here"
+            )
+
+
+def _devices_problem(devices, on_cpu: bool) -> str | None:
+    """What is wrong with Lightning's `devices`: auto, a count, or GPUs (-1 = all, indices)."""
+    if isinstance(devices, str) and re.fullmatch(r"\s*-?\d+\s*", devices):
+        devices = int(devices)
+    if devices == "auto" or (_is_int(devices) and devices > 0):
+        return None
+    gpus = (
+        devices == -1
+        or (isinstance(devices, list) and devices and all(_is_int(d) and d >= 0 for d in devices))
+        or (isinstance(devices, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)+,?", devices))
+    )
+    if not gpus:
+        return (
+            "must be a positive number of devices per node, GPU indices, or auto; "
+            "e.g. trainer.devices=1"
+        )
+    if on_cpu:
+        return (
+            "selects GPUs, but this run trains on the CPU; give a number of processes, "
+            "e.g. trainer.devices=2"
+        )
+    return None
 
 
 def _check_eval(cfg: DictConfig) -> None:

@@ -23,6 +23,7 @@ from lmdistill.assistant import run_with_assistant
 from lmdistill.distributed import job_scope
 from lmdistill.errors import report_user_errors
 from lmdistill.glue.attached import evaluate_run
+from lmdistill.hydra_errors import report_hydra_errors
 from lmdistill.pipeline import build, run
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.runs import remember_job
@@ -36,6 +37,7 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 __all__ = ["build", "main", "run"]
 
 
+@report_hydra_errors
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="distill")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

@@ -12,7 +12,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 EXIT_USER_ERROR = 2
 
@@ -32,12 +32,22 @@ def report_user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except Exception as err:
             user_error = _as_user_error(err)
-            if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if user_error is None or full_error_requested():
                 raise
-            print(f"lmdistill: error: {_rank_prefix()}{user_error}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            exit_with(user_error)
 
     return wrapper  # type: ignore[return-value]
+
+
+def full_error_requested() -> bool:
+    """`HYDRA_FULL_ERROR=1`: show tracebacks instead of one-line errors."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def exit_with(user_error: UserError) -> NoReturn:
+    """Print `user_error` as one line on stderr and exit with `EXIT_USER_ERROR`."""
+    print(f"lmdistill: error: {_rank_prefix()}{user_error}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def _rank_prefix() -> str:

@@ -34,6 +34,7 @@ from lmdistill.glue import get_task
 from lmdistill.glue.classifier import GlueClassifier, load_classifier
 from lmdistill.glue.datamodule import GlueDataModule
 from lmdistill.hardware import resolve_precision
+from lmdistill.hydra_errors import report_hydra_errors
 from lmdistill.io import write_json_atomic
 from lmdistill.models.describe import student_gflops
 from lmdistill.models.teacher import quiet_transformers
@@ -274,6 +275,7 @@ def _export_time(model_dir: str) -> float:
     return max((p.stat().st_mtime for p in files), default=0.0)
 
 
+@report_hydra_errors
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

@@ -33,17 +33,30 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(flag in flags for flag in _CPU_BF16_FLAGS)
 
 
-def resolve_precision(setting, accelerator: str = "auto") -> str:
-    """`trainer.precision` as Lightning takes it; `auto` chooses for the device that trains."""
+def trains_on_cuda(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` (auto, cpu, gpu, cuda) trains on a CUDA GPU here."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def on_mps() -> bool:
+    """Whether an Apple GPU is there (Lightning's `accelerator=auto` picks it over the CPU)."""
+    return torch.backends.mps.is_available()
+
+
+def check_precision(setting, key: str = "trainer.precision") -> str:
+    """`setting` as a string, if it is one of `PRECISIONS`; else a `UserError` naming `key`."""
     setting = str(setting)
     if setting not in PRECISIONS:
-        raise UserError(
-            f"unknown trainer.precision '{setting}'; use one of {', '.join(PRECISIONS)}"
-        )
+        raise UserError(f"unknown {key} '{setting}'; use one of {', '.join(PRECISIONS)}")
+    return setting
+
+
+def resolve_precision(setting, accelerator: str = "auto", key: str = "trainer.precision") -> str:
+    """`key`'s precision as Lightning takes it; `auto` chooses for the device that trains."""
+    setting = check_precision(setting, key)
     if setting != "auto":
         return setting
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if on_gpu:
+    if trains_on_cuda(accelerator):
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         bf16 = cpu_has_bf16()

@@ -14,7 +14,6 @@ import socket
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -76,10 +75,6 @@ def build(cfg: DictConfig, make_module=build_method):
     `make_module(cfg, precision)` (a method, or the teacher assistant's chain)."""
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     enable_tf32(cfg.tf32)
-    if precision.startswith("16") and not torch.cuda.is_available():
-        log.warning(
-            "trainer.precision=16-mixed has no effect on CPU: Lightning runs it as bf16-mixed"
-        )
     module = make_module(cfg, precision)
     backend = compile_backend(cfg.compile)
     if backend is not None:

@@ -34,6 +34,7 @@ from lmdistill import __version__
 from lmdistill.data.datamodule import load_tokenizer
 from lmdistill.distributed import job_scope
 from lmdistill.errors import UserError, report_user_errors
+from lmdistill.hydra_errors import report_hydra_errors
 from lmdistill.io import open_atomic, write_json_atomic
 from lmdistill.models.export import export_student
 from lmdistill.models.sparse import sparse_gflops, sparse_params
@@ -335,6 +336,7 @@ def run(cfg: DictConfig, record_job: bool = True) -> dict:
     return summary
 
 
+@report_hydra_errors
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sparsify")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

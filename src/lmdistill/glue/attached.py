@@ -198,7 +198,7 @@ def metric_name(task: TaskSpec) -> str:
 def _trainer_factory(cfg: DictConfig, point_dir: Path, epochs: int):
     """A one-device Trainer on the distillation's accelerator, logging to `point_dir`/logs."""
     accelerator = str(cfg.trainer.accelerator)
-    precision = resolve_precision(str(cfg.eval.precision), accelerator)
+    precision = resolve_precision(str(cfg.eval.precision), accelerator, "eval.precision")
 
     def make_trainer() -> L.Trainer:
         gc.collect()  # the distillation's models are gone: give their memory back first
