@@ -100,3 +100,49 @@ def test_ofa_preset_family(tmp_path, cache_dir):
     head = cfg["student"]["hidden_size"] // cfg["student"]["num_attention_heads"]
     assert head == 64 and all(h % head == 0 for h in cfg["ofa"]["hidden"])
     assert all(h % cfg["method"]["relation_heads"] == 0 for h in cfg["ofa"]["hidden"])
+
+
+# --- what the README and docs/methods.md say about the presets ------------------------------------
+
+ROOT = Path(__file__).parents[1]
+
+
+def _options(group: str) -> list[str]:
+    from lmdistill.resources import CONF_DIR
+
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def _override_row(key: str) -> str:
+    """The README's row of `key=` in its table of overrides."""
+    rows = [
+        r for r in (ROOT / "README.md").read_text().splitlines() if r.startswith(f"| `{key}=` |")
+    ]
+    assert len(rows) == 1, key
+    return rows[0]
+
+
+GROUPS = ("teacher", "student", "method", "moe", "assistant", "data", "experiment", "trainer")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_readme_override_table_lists_every_option(group):
+    row = _override_row(group)
+    assert [o for o in _options(group) if f"`{o}`" not in row] == []
+
+
+def test_readme_names_each_methods_default_relation_site():
+    # METHODS.md section 1: last_layer for dense MiniLM, top_projection for MoE, sparse and OFA
+    row = _override_row("student.relation_site")
+    assert "`top_projection` for `minimoe`, `sparse_minilm` and `ofa_minilm`" in row
+    assert "`last_layer` for `minilm_v1` and `minilm_v2`" in row
+
+
+def test_methods_doc_states_the_recipe_the_presets_cite():
+    """The presets' comments cite docs/methods.md section 10 for these values."""
+    recipe = (ROOT / "docs" / "methods.md").read_text().split("### The recipe")[1]
+    text = " ".join(recipe.split("## 11.")[0].split())
+    phrases = ("128 per device x 8 devices (global 1024)", "fp16", "5 epochs", "batch 512",
+               "lr 6e-4", "400k steps", "4k warmup", "beta2 0.98", "layer 21 of 24", "R = 64",
+               "trainer=ddp")  # fmt: skip
+    assert [p for p in phrases if p not in text] == []
