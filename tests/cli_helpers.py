@@ -108,6 +108,13 @@ def step_losses(path: Path) -> dict[int, float]:
     return {int(r["step"]): r["train/loss"] for r in read_metrics(path) if "train/loss" in r}
 
 
+def step_figures(path: Path, prefixes: tuple[str, ...] = ("train/loss", "moe/")) -> dict:
+    """{global step: {name: value}} of the figures named with `prefixes`, from a metrics.csv
+    logged every step (the learning rate and throughput left out)."""
+    return {int(r["step"]): {k: v for k, v in r.items() if k.startswith(prefixes)}
+            for r in read_metrics(path) if "train/loss" in r}  # fmt: skip
+
+
 def compose_distill(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
