@@ -47,6 +47,12 @@ def write_corpus(path: Path, documents: int = 40, seed: int = 0) -> Path:
     return path
 
 
+def pythonpath(*dirs: str | Path) -> str:
+    """PYTHONPATH for a subprocess: `dirs`, then this process's PYTHONPATH (the source tree
+    under test, where it is set ahead of the installed one)."""
+    return os.pathsep.join(filter(None, [*map(str, dirs), os.environ.get("PYTHONPATH")]))
+
+
 def cli_env(cache_dir: Path, **overrides: str | None) -> dict:
     """The test environment: offline hub and datasets, offline W&B, the session cache."""
     env = dict(os.environ)
