@@ -47,6 +47,12 @@ def write_corpus(path: Path, documents: int = 40, seed: int = 0) -> Path:
     return path
 
 
+def pythonpath(*dirs: str | Path) -> str:
+    """PYTHONPATH for a subprocess: `dirs`, then this process's PYTHONPATH (the source tree
+    under test, where it is set ahead of the installed one)."""
+    return os.pathsep.join(filter(None, [*map(str, dirs), os.environ.get("PYTHONPATH")]))
+
+
 def cli_env(cache_dir: Path, **overrides: str | None) -> dict:
     """The test environment: offline hub and datasets, offline W&B, the session cache."""
     env = dict(os.environ)
@@ -106,6 +112,13 @@ def read_metrics(path: Path) -> list[dict]:
 def step_losses(path: Path) -> dict[int, float]:
     """{global step: train/loss} from a metrics.csv."""
     return {int(r["step"]): r["train/loss"] for r in read_metrics(path) if "train/loss" in r}
+
+
+def step_figures(path: Path, prefixes: tuple[str, ...] = ("train/loss", "moe/")) -> dict:
+    """{global step: {name: value}} of the figures named with `prefixes`, from a metrics.csv
+    logged every step (the learning rate and throughput left out)."""
+    return {int(r["step"]): {k: v for k, v in r.items() if k.startswith(prefixes)}
+            for r in read_metrics(path) if "train/loss" in r}  # fmt: skip
 
 
 def compose_distill(overrides: list[str]):

@@ -251,6 +251,26 @@ def test_each_step_is_in_exactly_one_logged_interval(resume_runs, every_4_steps)
         assert row["train/tokens_seen"] == seen[int(row["step"])]
 
 
+def test_a_resume_inside_a_logging_interval_logs_the_steps_before_the_checkpoint(
+    resume_runs, every_4_steps, workdir, cache_dir
+):
+    """every_4_steps' step-3 checkpoint falls inside its interval of steps 1-3, before steps 1
+    and 2 were logged: the resumed run's first row holds them with its own first step."""
+    resumed = workdir / "every_4_steps_resumed"
+    step3 = every_4_steps / "checkpoints" / "epoch=0-step=3.ckpt"
+    check_ok(run_cli([*TINY, f"data.paths=[{workdir / 'corpus.txt'}]", *RESUME,
+                      "trainer.log_every_n_steps=4", f"ckpt_path='{step3}'",
+                      f"hydra.run.dir={resumed}"], workdir, cache_dir))  # fmt: skip
+    loss = step_losses(resume_runs[0] / "logs" / "metrics.csv")  # logged one by one
+    before = [r for r in read_metrics(every_4_steps / "logs" / "metrics.csv")
+              if "train/loss" in r and int(r["step"]) < 3]  # fmt: skip
+    after = [r for r in read_metrics(resumed / "logs" / "metrics.csv") if "train/loss" in r]
+    assert [int(r["step"]) for r in before + after] == [0, 3, 5]
+    for row, steps in zip(before + after, ([0], [1, 2, 3], [4, 5]), strict=True):
+        expected = sum(loss[s] for s in steps) / len(steps)
+        assert row["train/loss"] == pytest.approx(expected, rel=1e-5), row["step"]
+
+
 def test_resume_continues_exactly(resume_runs):
     full, resumed = resume_runs
     c = step_losses(full / "logs" / "metrics.csv")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, check_ok, cli_env, read_metrics, run_cli, step_losses
+from cli_helpers import TINY, check_ok, cli_env, pythonpath, read_metrics, run_cli, step_losses
 
 TESTS = Path(__file__).parent
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=4"]
@@ -36,7 +37,7 @@ def write_marked_corpus(path: Path) -> Path:
 
 
 def _env(cache_dir: Path) -> dict:
-    return cli_env(cache_dir, PYTHONPATH=str(TESTS))
+    return cli_env(cache_dir, PYTHONPATH=pythonpath(TESTS))
 
 
 def _recorded(out: Path, rank: int) -> list[dict]:
@@ -67,13 +68,22 @@ def _ddp_cli(workdir, cache_dir, out: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def ddp_runs(workdir, cache_dir) -> tuple[Path, Path]:
-    """6 DDP steps with checkpoints every 3 (kept), and a DDP run resumed from step 3."""
+    """6 DDP steps with checkpoints every 3 (kept), and a DDP run that resumes it from step 3
+    with `ckpt_path=last`: the newest earlier run is made an interrupted one, whose last.ckpt is
+    the step-3 checkpoint."""
+    from lmdistill.runs import record_run
+
     full, resumed = workdir / "full", workdir / "resumed"
     keep = ["trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=3",
             "callbacks.model_checkpoint.save_top_k=-1"]  # fmt: skip
     _ddp_cli(workdir, cache_dir, full, *keep)
-    step3 = full / "checkpoints" / "epoch=0-step=3.ckpt"
-    _ddp_cli(workdir, cache_dir, resumed, *keep, f"ckpt_path='{step3}'")
+    interrupted = workdir / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    shutil.copy(
+        full / "checkpoints" / "epoch=0-step=3.ckpt", interrupted / "checkpoints" / "last.ckpt"
+    )
+    record_run(cache_dir, _config_key(full / "distill.log", 0), interrupted)
+    _ddp_cli(workdir, cache_dir, resumed, *keep, "ckpt_path=last")
     return full, resumed
 
 
@@ -114,8 +124,13 @@ def test_ranks_log_the_same_config_and_their_own_log_file(ddp_runs):
     assert len(keys) == 1
 
 
-def test_resume_restores_every_ranks_data_position_and_losses(ddp_runs):
+def test_resume_restores_every_ranks_data_position_and_losses(ddp_runs, workdir):
+    """`ckpt_path=last`: rank 0 records the resumed run before it launches rank 1, which
+    resumes from rank 0's checkpoint all the same."""
     full, resumed = ddp_runs
+    checkpoint = workdir / "interrupted" / "checkpoints" / "last.ckpt"
+    for log in ("distill.log", "distill_rank1.log"):
+        assert f"resuming from {checkpoint}\n" in (resumed / log).read_text(), log
     for rank in (0, 1):
         after = {b["step"]: b for b in _recorded(resumed, rank)}
         before = {b["step"]: b for b in _recorded(full, rank)}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, check_ok, read_metrics, run_cli, write_corpus
+from cli_helpers import TINY, check_ok, read_metrics, run_cli, step_figures, write_corpus
 
 from lmdistill.resources import CONF_DIR
 
@@ -31,15 +31,36 @@ def test_moe_presets_compose(preset, x, y):
     assert cfg.student.moe.ffn_experts == 3 and cfg.student.moe.init == "independent"
 
 
+RUN = ["method=minimoe", "moe=1x4", "trainer.max_steps=4"]  # router noise and dropout on
+
+
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory, cache_dir) -> Path:
+    """4 steps, the checkpoint of step 2 kept."""
     work = tmp_path_factory.mktemp("minimoe-cli")
     write_corpus(work / "corpus.txt")
     out = work / "run"
-    check_ok(run_cli([*TINY, "method=minimoe", "moe=1x4", f"data.paths=[{work / 'corpus.txt'}]",
-                      "trainer.max_steps=4", "logger=[csv,tensorboard]", f"hydra.run.dir={out}"],
+    check_ok(run_cli([*TINY, *RUN, f"data.paths=[{work / 'corpus.txt'}]",
+                      "callbacks.model_checkpoint.every_n_train_steps=2",
+                      "callbacks.model_checkpoint.save_top_k=-1",
+                      "logger=[csv,tensorboard]", f"hydra.run.dir={out}"],
                      work, cache_dir))  # fmt: skip
     return out
+
+
+def test_resume_continues_exactly(moe_run, cache_dir, tmp_path):
+    """From step 2: the uninterrupted run's losses, balance loss and expert loads (the restored
+    RNG draws the same router noise and dropout masks)."""
+    out, work = tmp_path / "resumed", moe_run.parent
+    step2 = moe_run / "checkpoints" / "epoch=0-step=2.ckpt"
+    check_ok(run_cli([*TINY, *RUN, f"data.paths=[{work / 'corpus.txt'}]", f"ckpt_path='{step2}'",
+                      f"hydra.run.dir={out}"], work, cache_dir))  # fmt: skip
+    full = step_figures(next(moe_run.rglob("metrics.csv")))
+    resumed = step_figures(out / "logs" / "metrics.csv")
+    assert sorted(resumed) == [2, 3] and "train/loss_balance" in resumed[2]
+    assert any(k.startswith("moe/") for k in resumed[2])
+    for step, figures in resumed.items():
+        assert figures == pytest.approx(full[step], rel=1e-6, abs=0), step
 
 
 def test_summary_reports_more_params_and_dense_gflops(moe_run, tiny_teacher_dir):

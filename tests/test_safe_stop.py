@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, check_ok, cli_env, read_metrics, step_losses, write_corpus
+from cli_helpers import TINY, check_ok, cli_env, pythonpath, read_metrics, step_losses, write_corpus
 
 from lmdistill.safe_stop import EXIT_SIGNALLED
 
@@ -36,7 +36,7 @@ def _args(workdir: Path, out: Path, *extra: str) -> list[str]:
 def _start(args: list[str], workdir: Path, cache_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "lmdistill.distill", *args], cwd=workdir,
-        env=cli_env(cache_dir, PYTHONPATH=str(TESTS)), stdin=subprocess.DEVNULL,
+        env=cli_env(cache_dir, PYTHONPATH=pythonpath(TESTS)), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

@@ -121,13 +121,43 @@ def test_checkpoint_state_counts_pending_steps_and_leaves_them_to_the_flush():
         meter.add_step(torch.tensor(loss), torch.tensor(skipped), {})
     state = meter.state_dict(reduce=lambda t: 2 * t)  # two identical ranks
     recent = state.pop("recent_losses")  # this rank's, for final_loss: NaN where skipped
-    assert state == {"tokens_seen": 60, "loss_first": 2.0, "nonfinite_steps": 2}
+    assert state == {"tokens_seen": 60, "loss_first": 2.0, "nonfinite_steps": 2, "skip_run": 0,
+                     "unlogged": {"loss_sum": 8.0, "loss_count": 4, "nonfinite": 2, "terms": {},
+                                  "worst_run": 1}}  # fmt: skip
     assert math.isnan(recent[0]) and recent[1:] == [1.0, 3.0]
     assert meter.pending and meter.tokens_seen == 0  # nothing consumed
     assert meter.flush()["loss"] == pytest.approx(2.0)  # the interval is still whole
     state = meter.state_dict()
     assert state.pop("recent_losses")[1:] == [1.0, 3.0]
-    assert state == {"tokens_seen": 30, "loss_first": 2.0, "nonfinite_steps": 1}
+    assert state == {"tokens_seen": 30, "loss_first": 2.0, "nonfinite_steps": 1, "skip_run": 0,
+                     "unlogged": None}  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_an_interval_cut_by_a_checkpoint_is_logged_whole_after_the_resume(world):
+    """Steps taken after the last flush and before a checkpoint go into the resumed run's first
+    flush: its figures are those of the interval that was never cut (and of plain counts)."""
+    steps, cuts, saved_at = _steps(40, seed=3 + world), [9, 23, 40], [5, 12, 13, 30]
+    reduce = (lambda t: t * world) if world > 1 else None
+    meter, got, start = TrainingMeter(), [], 0
+    for cut in cuts:
+        for i in range(start, cut):
+            if i in saved_at:  # the checkpoint's state, loaded by a new process
+                state = meter.state_dict(reduce)
+                meter = TrainingMeter()
+                meter.load_state_dict(state)
+            loss, skipped, terms = steps[i]
+            meter.add_batch_tokens(100)
+            meter.add_step(torch.tensor(loss), torch.tensor(skipped),
+                           {k: torch.tensor(v) for k, v in terms.items()})  # fmt: skip
+        got.append(meter.flush(reduce))
+        start = cut
+    for g, r in zip(got, _reference(steps, cuts, 100, world), strict=True):
+        assert (g["nonfinite"], g["worst_run"]) == (r["nonfinite"], r["worst_run"])
+        assert _close(g["loss"], r["loss"])
+        assert all(_close(g["terms"][k], r["terms"][k]) for k in ("qq", "kk"))
+    assert meter.tokens_seen == 100 * 40 * world
+    assert meter.nonfinite_steps == world * sum(s[1] for s in steps)
 
 
 def test_final_loss_resumes_with_the_last_ten_steps():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from cli_helpers import TINY, check_ok, run_cli, write_corpus
+from cli_helpers import TINY, check_ok, run_cli, step_figures, write_corpus
 from transformers import AutoModel
 
 from lmdistill.errors import UserError
@@ -128,12 +128,37 @@ def test_bad_settings_are_one_line_errors(teacher, kwargs, student, message):
     assert "\n" not in str(info.value)
 
 
-def test_cli_exports_an_ordinary_hugging_face_student(tmp_path, cache_dir):
-    write_corpus(tmp_path / "corpus.txt")
-    out = tmp_path / "run"
-    check_ok(run_cli([*TINY, "method=tinybert", "student.hidden_size=16", "trainer.max_steps=3",
-                      f"data.paths=[{tmp_path / 'corpus.txt'}]", f"hydra.run.dir={out}"],
-                     tmp_path, cache_dir))  # fmt: skip
+RUN = ["method=tinybert", "student.hidden_size=16", "trainer.max_steps=3"]  # a projection
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, cache_dir):
+    """3 steps (dropout on), every step's checkpoint kept."""
+    work = tmp_path_factory.mktemp("tinybert-cli")
+    write_corpus(work / "corpus.txt")
+    out = work / "run"
+    check_ok(run_cli([*TINY, *RUN, f"data.paths=[{work / 'corpus.txt'}]",
+                      "callbacks.model_checkpoint.every_n_train_steps=1",
+                      "callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={out}"],
+                     work, cache_dir))  # fmt: skip
+    return out
+
+
+def test_cli_resume_continues_exactly(cli_run, cache_dir, tmp_path):
+    """From step 1: the uninterrupted run's loss terms (projection, AdamW state, RNG restored)."""
+    out, work = tmp_path / "resumed", cli_run.parent
+    step1 = cli_run / "checkpoints" / "epoch=0-step=1.ckpt"
+    check_ok(run_cli([*TINY, *RUN, f"data.paths=[{work / 'corpus.txt'}]", f"ckpt_path='{step1}'",
+                      f"hydra.run.dir={out}"], work, cache_dir))  # fmt: skip
+    full = step_figures(cli_run / "logs" / "metrics.csv")
+    resumed = step_figures(out / "logs" / "metrics.csv")
+    assert sorted(resumed) == [1, 2] and "train/loss_attention" in resumed[1]
+    for step, figures in resumed.items():
+        assert figures == pytest.approx(full[step], rel=1e-6, abs=0), step
+
+
+def test_cli_exports_an_ordinary_hugging_face_student(cli_run):
+    out = cli_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "tinybert" and summary["layer_mapping"] == [1, 2]
     assert summary["steps"] == 3 and summary["final_loss"] is not None

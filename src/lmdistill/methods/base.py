@@ -62,6 +62,7 @@ class DistillationMethod(L.LightningModule):
         self.batch_plan: RelationPlan | None = None  # of the current batch, host side
         self.last_validation: dict[str, float] = {}  # val/* figures of the last validation
         self._rng_before_validation: dict | None = None
+        self._step_end_due = False  # an optimizer step whose `on_train_batch_end` is still to run
 
     # --- what a method defines -------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class DistillationMethod(L.LightningModule):
             )
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         self.records.end_step(optimizer, gradient_clip_val, scaler)
+        self._step_end_due = True  # checkpoint callbacks run before `on_train_batch_end`
 
     def configure_optimizers(self):
         return configure_adamw(self, self.optim, self.trainer.estimated_stepping_batches)
@@ -192,17 +194,28 @@ class DistillationMethod(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         if self.records.micro_batches:  # inside an accumulation window
             return
-        if 0 < self.trainer.max_steps <= self.global_step:
+        self._step_end_due = False
+        if not self._flushes_at_step_end():
+            return
+        if self._stopping():
             # training ends here; stopping (rather than only ending) makes Lightning validate the
             # final student too, whatever `val_check_interval` (nothing else differs)
             self.trainer.should_stop = True
         # a stopping step is a logging step for Lightning, which would otherwise log the previous
         # interval's figures again: the last, partial interval is flushed here
-        logging_step = self.trainer._logger_connector.should_update_logs
-        if logging_step:
+        if self.trainer._logger_connector.should_update_logs:
             self.log_dict(self.records.flush(self.trainer, batch["input_ids"].shape[0]))
-        elif not self.meter.started:  # the first step, its own row: intervals are timed from here
+        else:  # the first step, its own row: intervals are timed from here
             self.flush_to_loggers(batch["input_ids"].shape[0])
+
+    def _stopping(self) -> bool:
+        return 0 < self.trainer.max_steps <= self.global_step
+
+    def _flushes_at_step_end(self) -> bool:
+        """Whether this optimizer step's `on_train_batch_end` flushes the meter: at a logging
+        step, the last step, and the first step of this process."""
+        logging_step = self.trainer._logger_connector.should_update_logs
+        return logging_step or self._stopping() or not self.meter.started
 
     def on_validation_start(self) -> None:
         """Validation leaves the training's random state as it found it (exact resumes)."""
@@ -234,7 +247,10 @@ class DistillationMethod(L.LightningModule):
             logger.log_metrics({self.log_prefix + k: v for k, v in metrics.items()}, step=step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lmdistill"] = self.records.state_dict(self._trainer)
+        """The records; a checkpoint of a step that `on_train_batch_end` flushes next (they run
+        before it) counts the step's figures as logged, any other carries them unlogged."""
+        logged = self._step_end_due and self._flushes_at_step_end()
+        checkpoint["lmdistill"] = self.records.state_dict(self._trainer, logged=logged)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.records.load_state_dict(checkpoint.get("lmdistill", {}), self.trainer.global_rank)

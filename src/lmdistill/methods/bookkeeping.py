@@ -81,10 +81,11 @@ class StepRecords:
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         return metrics
 
-    def state_dict(self, trainer) -> dict:
-        """Exact counts and every rank's RNG states (collectives: every rank calls this)."""
+    def state_dict(self, trainer, logged: bool = False) -> dict:
+        """Exact counts and every rank's RNG states (collectives: every rank calls this).
+        `logged`: the steps since the last flush are logged right after this checkpoint."""
         return {
-            **self.meter.state_dict(_sum_over_ranks(trainer)),
+            **self.meter.state_dict(_sum_over_ranks(trainer), logged=logged),
             "world_size": trainer.world_size if trainer is not None else 1,
             "rng": gather_from_ranks(rng_states()),  # [rank]: every rank's dropout resumes exactly
         }

@@ -5,7 +5,9 @@ device row (its loss and loss terms, one `stack`) and its skip flag; the real-to
 batch is a host int, known before the batch is transferred. `flush()` sums the interval's rows,
 reduces the sums over DDP ranks with one all-reduce and reads everything with one `.tolist()`:
 the only host synchronisation, once per logging interval. The runs of skipped steps, the first
-loss and the last losses are then counted on the host from the values read.
+loss and the last losses are then counted on the host from the values read. A checkpoint taken
+inside an interval carries the interval's steps so far (their loss sums, reduced) to the resumed
+run's first flush: every step is logged once, whatever the checkpoint and logging intervals.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class TrainingMeter:
         self._run = 0  # skipped steps in a row up to the last flush
         self._clock = time.perf_counter()  # reset by `start()`
         self._flushes = 0  # of this process: the first interval includes start-up
+        self._carried: dict | None = None  # a checkpoint's unlogged steps, for the next flush
 
     def start(self) -> None:
         """Start the clock (at the start of training)."""
@@ -75,7 +78,12 @@ class TrainingMeter:
         tokens, loss_sum, loss_count, nonfinite, term_sums, step_skipped, step_losses = self._read(
             reduce
         )
-        worst_run = self._run
+        self.nonfinite_steps += int(nonfinite)  # the carried steps are counted in already
+        carried, self._carried = _matching(self._carried, self._terms), None
+        loss_sum, loss_count, nonfinite, term_sums = _add(
+            (loss_sum, loss_count, nonfinite, term_sums), carried
+        )
+        worst_run = max(self._run, carried["worst_run"] if carried else 0)
         for flag, value in zip(step_skipped, step_losses, strict=True):
             self._run = self._run + 1 if flag else 0
             worst_run = max(worst_run, self._run)
@@ -90,7 +98,6 @@ class TrainingMeter:
         self._clock = now
         self._flushes += 1
         self.tokens_seen += int(tokens)
-        self.nonfinite_steps += int(nonfinite)
         self._pending_tokens = 0
         self._rows, self._skipped = [], []
         mean = (lambda total: total / loss_count) if loss_count else (lambda total: None)
@@ -155,19 +162,34 @@ class TrainingMeter:
         """Mean throughput of this process's run (real tokens of all ranks per second)."""
         return self.run_tokens / self.run_seconds if self.run_seconds else 0.0
 
-    def state_dict(self, reduce=None) -> dict:
+    def state_dict(self, reduce=None, logged: bool = False) -> dict:
         """Plain numbers (loads with `weights_only=True`), exact: the steps since the last flush
-        are counted in (an all-reduce and a read), and left to the next flush to log."""
+        are counted in (an all-reduce and a read), and left to the next flush to log. Unless
+        that flush comes right after the checkpoint (`logged`), their sums go with the state
+        (`unlogged`), for a resumed run's first flush to log them."""
         state = {"tokens_seen": self.tokens_seen, "loss_first": self.loss_first,
-                 "nonfinite_steps": self.nonfinite_steps, "recent_losses": list(self._recent)}  # fmt: skip
+                 "nonfinite_steps": self.nonfinite_steps, "recent_losses": list(self._recent),
+                 "skip_run": self._run, "unlogged": None if logged else self._carried}  # fmt: skip
         if self._rows:
-            tokens, _, _, nonfinite, _, skipped, losses = self._read(reduce)
+            tokens, loss_sum, loss_count, nonfinite, term_sums, skipped, losses = self._read(reduce)
             state["tokens_seen"] += int(tokens)
             state["nonfinite_steps"] += int(nonfinite)
             if state["loss_first"] is None:
                 state["loss_first"] = losses[0]
             steps = [math.nan if s else v for s, v in zip(skipped, losses, strict=True)]
             state["recent_losses"] = (state["recent_losses"] + steps)[-self._recent.maxlen :]
+            carried = _matching(self._carried, self._terms)
+            worst_run = max(self._run, carried["worst_run"] if carried else 0)
+            for flag in skipped:
+                state["skip_run"] = state["skip_run"] + 1 if flag else 0
+                worst_run = max(worst_run, state["skip_run"])
+            loss_sum, loss_count, nonfinite, term_sums = _add(
+                (loss_sum, loss_count, nonfinite, term_sums), carried
+            )
+            state["unlogged"] = None if logged else {
+                "loss_sum": loss_sum, "loss_count": loss_count, "nonfinite": nonfinite,
+                "terms": dict(zip(self._terms, term_sums, strict=True)), "worst_run": worst_run,
+            }  # fmt: skip
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -176,3 +198,23 @@ class TrainingMeter:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self._recent.clear()
         self._recent.extend(float(v) for v in state.get("recent_losses", []))  # for final_loss
+        self._run = int(state.get("skip_run", 0))
+        self._carried = state.get("unlogged")
+
+
+def _matching(carried: dict | None, terms: list[str] | None) -> dict | None:
+    """The carried sums, where their loss terms are this interval's (a resume may change the
+    method with `resume.allow`: its unlogged steps are then not logged)."""
+    if carried is None or terms is None or list(carried["terms"]) != terms:
+        return None
+    return carried
+
+
+def _add(sums: tuple, carried: dict | None) -> tuple:
+    """(loss sum, loss count, skipped steps, term sums) plus the carried ones (all ranks')."""
+    if carried is None:
+        return sums
+    loss_sum, loss_count, nonfinite, term_sums = sums
+    return (loss_sum + carried["loss_sum"], loss_count + carried["loss_count"],
+            nonfinite + carried["nonfinite"],
+            [v + c for v, c in zip(term_sums, carried["terms"].values(), strict=True)])  # fmt: skip
