@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, check_ok, cli_env, run_cli, write_corpus
+from cli_helpers import TINY, check_ok, cli_env, pythonpath, run_cli, write_corpus
 from test_distill_errors import _assert_one_error_line, _assert_untouched, _prefill
 
 from lmdistill.checkpoint_io import AtomicCheckpointIO, NoSpaceError
@@ -177,7 +177,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_last_ckpt(workdir, cach
     args = [*TINY, f"data.paths=[{workdir / 'corpus.txt'}]", "trainer.max_steps=6",
             "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={out}",
             "+callbacks.full._target_=resume_probes.DiskFullFromStep", "+callbacks.full.step=3"]  # fmt: skip
-    env = cli_env(cache_dir, PYTHONPATH=str(Path(__file__).parent))
+    env = cli_env(cache_dir, PYTHONPATH=pythonpath(Path(__file__).parent))
     code, _, stderr = run_cli(args, workdir, cache_dir, env=env)
     assert code == 2, stderr[-3000:]
     assert "Traceback" not in stderr and "inline_container" not in stderr, stderr[-3000:]

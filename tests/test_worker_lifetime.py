@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, cli_env, write_corpus
+from cli_helpers import TINY, cli_env, pythonpath, write_corpus
 
 TESTS = Path(__file__).parent
 
@@ -49,7 +49,7 @@ def test_sigkilled_run_leaves_no_dataloader_worker(tmp_path, cache_dir):
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmdistill.distill", *args], cwd=tmp_path,
-        env=cli_env(cache_dir, PYTHONPATH=str(TESTS)), stdin=subprocess.DEVNULL,
+        env=cli_env(cache_dir, PYTHONPATH=pythonpath(TESTS)), stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     workers: list[int] = []
