@@ -103,6 +103,29 @@ def test_relation_heads_must_divide_every_subnet(teacher):
         _method(teacher, ofa={"layers": [2], "hidden": [32, 8]}, relation_heads=16)
 
 
+@pytest.mark.parametrize(
+    "ofa, words",
+    [
+        ({"layers": [], "hidden": [32]}, r"ofa\.layers=\[\] is empty.*null"),
+        ({"layers": [2], "hidden": []}, r"ofa\.hidden=\[\] is empty.*null"),
+        ({"layers": [1.5], "hidden": [32]}, r"ofa\.layers=\[1\.5\].*1\.5 is not an integer"),
+        ({"layers": [2], "hidden": [32, 16.0]}, r"ofa\.hidden=\[32, 16\.0\].*16\.0 is not"),
+        ({"layers": [True], "hidden": [32]}, r"ofa\.layers=\[True\].*True is not an integer"),
+        ({"layers": ["1"], "hidden": [32]}, r"ofa\.layers=\['1'\].*'1' is not an integer"),
+        ({"layers": 2, "hidden": [32]}, r"ofa\.layers=2 is not a list.*\[2\]"),
+    ],
+)
+def test_family_values_are_integers_in_non_empty_lists(teacher, ofa, words):
+    """Each would have trained another family than the one given (the student's full size for
+    an empty list, l=1 for 1.5 or True) or crashed (a scalar)."""
+    with pytest.raises(UserError, match=words) as err:
+        _method(teacher, ofa=ofa)
+    assert "\n" not in str(err.value)
+    assert _method(teacher, ofa={"layers": None, "hidden": None}).student.config.family() == [
+        (2, 32)
+    ]  # null: the student's own size
+
+
 def _cli_args(tmp_path, out, *extra) -> list[str]:
     from cli_helpers import TINY, write_corpus
 

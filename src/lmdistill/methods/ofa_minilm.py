@@ -32,7 +32,7 @@ from lmdistill.models.features import FeatureRequest
 from lmdistill.models.ofa_config import ofa_config, subnet_shape
 from lmdistill.models.ofa_export import export_subnet, subnet_name, subnet_table
 from lmdistill.models.ofa_model import OFABertModel
-from lmdistill.models.ofa_sampling import SubnetSampler
+from lmdistill.models.ofa_sampling import SubnetSampler, family_sizes
 
 
 def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
@@ -89,8 +89,8 @@ class OFAMiniLM(DistillationMethod):
         ofa = {"layers": None, "hidden": None, "sampling": "sandwich", "random_subnets": None,
                "export": [], **(ofa or {})}  # fmt: skip
         c = student.config
-        layers = list(ofa["layers"] or [c.num_hidden_layers])
-        hidden = list(ofa["hidden"] or [c.hidden_size])
+        layers = family_sizes("ofa.layers", ofa["layers"], c.num_hidden_layers)
+        hidden = family_sizes("ofa.hidden", ofa["hidden"], c.hidden_size)
         student = as_supernet(student, layers, hidden)
         for who, size in [("teacher", teacher.hidden_size)] + [("sub-network", h) for h in hidden]:
             if relation_heads < 1 or size % relation_heads:
