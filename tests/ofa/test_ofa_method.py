@@ -191,6 +191,19 @@ def test_export_pairs_are_checked(teacher):
         _method(teacher, ofa={**FAMILY, "export": [[1, 16]]}, export_student=False)
 
 
+def test_export_outside_the_family_is_named_in_a_warning(teacher, caplog):
+    """As `lmdistill-export-subnet` notes it: the sub-network is exported but was not trained."""
+    with caplog.at_level("WARNING", logger="lmdistill"):
+        assert _method(teacher, ofa={**FAMILY, "export": [[2, 32], [1, 24]]}).export == [
+            (2, 32), (1, 24)
+        ]  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "ofa.export [1, 24] is not in the trained family [2, 1] x [32, 16]: it is exported but "
+        "not trained for"
+    ]
+
+
 def test_a_supernet_student_takes_the_method_family(teacher):
     from lmdistill.models.ofa_student import ofa_student
 

@@ -11,6 +11,7 @@ the MiniLM v2 relation loss of its relation site; the step's loss is their mean.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from lmdistill.models.ofa_export import export_subnet, subnet_name, subnet_table
 from lmdistill.models.ofa_model import OFABertModel
 from lmdistill.models.ofa_sampling import SubnetSampler, family_sizes
 
+log = logging.getLogger("lmdistill")
+
 
 def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
     """The student as a super-net of family `layers` x `hidden` (a dense BERT's weights kept)."""
@@ -50,7 +53,8 @@ def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
 
 
 def check_exports(pairs, config) -> list[tuple[int, int]]:
-    """`ofa.export` as (l, h) pairs, each a sub-network of the super-net, or a `UserError`."""
+    """`ofa.export` as (l, h) pairs, each a sub-network of the super-net, or a `UserError`; a
+    warning names a pair outside the trained family (exported, but not trained for)."""
     pairs = list(pairs or [])
     out = []
     for pair in pairs:
@@ -67,6 +71,11 @@ def check_exports(pairs, config) -> list[tuple[int, int]]:
         if (layers, hidden) in out:
             raise UserError(f"ofa.export lists [{layers}, {hidden}] twice; list it once")
         out.append((layers, hidden))
+        if (layers, hidden) not in config.family():
+            log.warning(
+                "ofa.export [%d, %d] is not in the trained family %s x %s: it is exported but "
+                "not trained for", layers, hidden, config.ofa_layers, config.ofa_hidden,
+            )  # fmt: skip
     return out
 
 
