@@ -26,11 +26,11 @@ def teacher(tiny_teacher_dir):
     return load_teacher(tiny_teacher_dir)
 
 
-def _method(teacher, relation_heads: int = 4, **kwargs) -> OFAMiniLM:
+def _method(teacher, relation_heads: int = 4, dropout: float = 0.0, **kwargs) -> OFAMiniLM:
     torch.manual_seed(0)
     student = build_student(teacher.config, num_hidden_layers=2, hidden_size=32,
-                            num_attention_heads=4, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)  # fmt: skip
+                            num_attention_heads=4, hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout)  # fmt: skip
     return OFAMiniLM(teacher, student, relation_heads=relation_heads, **kwargs)
 
 
@@ -86,6 +86,30 @@ def test_loss_is_the_mean_over_subnets_of_carved_students(teacher, padded_batch,
     torch.testing.assert_close(loss, sum(expected) / 4, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(terms["loss_largest"], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(terms["loss_smallest"], expected[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_is_decided_by_weights_rng_state_and_global_step(teacher, padded_batch, monkeypatch):
+    """What a resume restores decides a step, dropout on: a second method with the same weights,
+    at global step k with the RNG state the first had before its step k, computes the first's
+    losses of steps k and k + 1 exactly (Lightning restoring them: tests/test_distill_cli.py)."""
+    monkeypatch.setattr(OFAMiniLM, "global_step", property(lambda self: self.step))
+    ofa = {"layers": [2, 1], "hidden": [32, 16, 8], "random_subnets": 1}
+    first, second = (_method(teacher, dropout=0.1, ofa=ofa).train() for _ in range(2))
+    torch.manual_seed(1)
+    states, losses = [], []
+    for step in range(4):
+        states.append(torch.get_rng_state())
+        first.step = step
+        losses.append(first.step_loss(padded_batch)[0].detach())
+    torch.set_rng_state(states[2])
+    for step in (2, 3):
+        second.step = step
+        assert torch.equal(second.step_loss(padded_batch)[0].detach(), losses[step]), step
+    assert first.sampler(2) != first.sampler(3)  # (seed 0: the random one differs)
+    for step, state in ((3, states[2]), (2, states[3])):  # the step and the dropout masks count
+        torch.set_rng_state(state)
+        second.step = step
+        assert not torch.equal(second.step_loss(padded_batch)[0].detach(), losses[2]), step
 
 
 def test_freezes_what_no_subnet_reaches(teacher):
