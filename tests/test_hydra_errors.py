@@ -28,6 +28,11 @@ CASES = {
         ["method=minilm_v2", "method.bogus=1"],
         ["no key method.bogus", "method has:", "relation_heads", "+method.bogus=..."],
     ),
+    "method_block_without_its_method": (  # not "+ofa.layers=...": minilm_v2 would ignore it
+        "lmdistill.distill",
+        ["ofa.layers=[2,1]"],
+        ["no key ofa.layers: ofa.* settings belong to method=ofa_minilm; add method=ofa_minilm"],
+    ),
     "malformed": (
         "lmdistill.distill",
         ["trainer.max_steps=["],

@@ -237,13 +237,20 @@ def _devices_problem(devices, on_cpu: bool) -> str | None:
 
 
 def _check_eval(cfg: DictConfig) -> None:
-    """GLUE after distillation (`eval=glue`) fine-tunes the export: it needs one, and its data."""
+    """GLUE after distillation (`eval=glue`) fine-tunes the export: it needs one that a classifier
+    loads (not a once-for-all super-net), and its data."""
     if OmegaConf.select(cfg, "eval") is None or OmegaConf.select(cfg, "export") is None:
         return  # not lmdistill-distill, or no eval
     if not cfg.export:
         raise UserError(
             "eval=glue fine-tunes the exported student, but export=false; set export=true "
             "or drop eval=glue"
+        )
+    if str(OmegaConf.select(cfg, "method._target_", default="")).endswith(".OFAMiniLM"):
+        raise UserError(
+            "eval=glue fine-tunes the exported student, but method=ofa_minilm exports a "
+            "super-net, which no classifier loads; drop eval=glue and fine-tune its sub-networks "
+            "(ofa.export) with lmdistill-finetune"
         )
     glue_dir = cfg.eval.get("glue_dir")
     if glue_dir is not None and not Path(str(glue_dir)).expanduser().is_dir():

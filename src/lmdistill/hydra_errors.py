@@ -92,18 +92,26 @@ def _missing_option(missing: str, options: list[str]) -> str:
     return f"no {group} '{name}' in {where}; {hint}choose one of: {', '.join(options)}"
 
 
+# top-level blocks that only a method's config brings (no other method reads them)
+METHOD_BLOCKS = {"ofa": "method=ofa_minilm"}
+
+
 def _missing_key(err: HydraException, cause: OmegaConfBaseException) -> str:
-    """An override of a key the config does not have: the closest key, and how to add one."""
+    """An override of a key the config does not have: the closest key, and how to add one (or,
+    for a block of one method, that method)."""
     full_key = cause.full_key
     parent = full_key.rpartition(".")[0]
     keys = [str(k) for k in cause.parent_node.keys()]
+    overridden = re.search(r"Could not override '([^']+)'", str(err))
+    added = overridden.group(1) if overridden else full_key
+    if not parent and str(cause.key) in METHOD_BLOCKS and "method" in keys:
+        method = METHOD_BLOCKS[str(cause.key)]
+        return f"no key {added}: {cause.key}.* settings belong to {method}; add {method}"
     close = difflib.get_close_matches(str(cause.key), keys, n=1)
     if close:
         hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?"
     else:
         hint = f"{parent or 'the config'} has: {', '.join(keys)}"
-    overridden = re.search(r"Could not override '([^']+)'", str(err))
-    added = overridden.group(1) if overridden else full_key
     return f"no key {full_key}; {hint} (to add a new key use +{added}=...)"
 
 

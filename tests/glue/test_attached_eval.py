@@ -179,6 +179,10 @@ REFUSED = {
     "eval.tasks=[]": "eval.tasks=[] is empty; use some of cola, sst2, mrpc, stsb, qqp, mnli, "
     "qnli, rte, wnli, e.g. eval.tasks=[rte,mrpc]",
     "eval.select=middle": "eval.select=middle must be best or last; e.g. eval.select=best",
+    # it used to distil, then fail to load the super-net as a classifier
+    "method=ofa_minilm": "eval=glue fine-tunes the exported student, but method=ofa_minilm "
+    "exports a super-net, which no classifier loads; drop eval=glue and fine-tune its "
+    "sub-networks (ofa.export) with lmdistill-finetune",
 }
 
 

@@ -26,11 +26,11 @@ def teacher(tiny_teacher_dir):
     return load_teacher(tiny_teacher_dir)
 
 
-def _method(teacher, relation_heads: int = 4, **kwargs) -> OFAMiniLM:
+def _method(teacher, relation_heads: int = 4, dropout: float = 0.0, **kwargs) -> OFAMiniLM:
     torch.manual_seed(0)
     student = build_student(teacher.config, num_hidden_layers=2, hidden_size=32,
-                            num_attention_heads=4, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)  # fmt: skip
+                            num_attention_heads=4, hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout)  # fmt: skip
     return OFAMiniLM(teacher, student, relation_heads=relation_heads, **kwargs)
 
 
@@ -88,6 +88,30 @@ def test_loss_is_the_mean_over_subnets_of_carved_students(teacher, padded_batch,
     torch.testing.assert_close(terms["loss_smallest"], expected[-1], atol=1e-5, rtol=1e-5)
 
 
+def test_a_step_is_decided_by_weights_rng_state_and_global_step(teacher, padded_batch, monkeypatch):
+    """What a resume restores decides a step, dropout on: a second method with the same weights,
+    at global step k with the RNG state the first had before its step k, computes the first's
+    losses of steps k and k + 1 exactly (Lightning restoring them: tests/test_distill_cli.py)."""
+    monkeypatch.setattr(OFAMiniLM, "global_step", property(lambda self: self.step))
+    ofa = {"layers": [2, 1], "hidden": [32, 16, 8], "random_subnets": 1}
+    first, second = (_method(teacher, dropout=0.1, ofa=ofa).train() for _ in range(2))
+    torch.manual_seed(1)
+    states, losses = [], []
+    for step in range(4):
+        states.append(torch.get_rng_state())
+        first.step = step
+        losses.append(first.step_loss(padded_batch)[0].detach())
+    torch.set_rng_state(states[2])
+    for step in (2, 3):
+        second.step = step
+        assert torch.equal(second.step_loss(padded_batch)[0].detach(), losses[step]), step
+    assert first.sampler(2) != first.sampler(3)  # (seed 0: the random one differs)
+    for step, state in ((3, states[2]), (2, states[3])):  # the step and the dropout masks count
+        torch.set_rng_state(state)
+        second.step = step
+        assert not torch.equal(second.step_loss(padded_batch)[0].detach(), losses[2]), step
+
+
 def test_freezes_what_no_subnet_reaches(teacher):
     last = _method(teacher, ofa=FAMILY, relation_site="last_layer")
     frozen = last.freeze_unreached()
@@ -101,6 +125,29 @@ def test_freezes_what_no_subnet_reaches(teacher):
 def test_relation_heads_must_divide_every_subnet(teacher):
     with pytest.raises(UserError, match="sub-network hidden size 8"):
         _method(teacher, ofa={"layers": [2], "hidden": [32, 8]}, relation_heads=16)
+
+
+@pytest.mark.parametrize(
+    "ofa, words",
+    [
+        ({"layers": [], "hidden": [32]}, r"ofa\.layers=\[\] is empty.*null"),
+        ({"layers": [2], "hidden": []}, r"ofa\.hidden=\[\] is empty.*null"),
+        ({"layers": [1.5], "hidden": [32]}, r"ofa\.layers=\[1\.5\].*1\.5 is not an integer"),
+        ({"layers": [2], "hidden": [32, 16.0]}, r"ofa\.hidden=\[32, 16\.0\].*16\.0 is not"),
+        ({"layers": [True], "hidden": [32]}, r"ofa\.layers=\[True\].*True is not an integer"),
+        ({"layers": ["1"], "hidden": [32]}, r"ofa\.layers=\['1'\].*'1' is not an integer"),
+        ({"layers": 2, "hidden": [32]}, r"ofa\.layers=2 is not a list.*\[2\]"),
+    ],
+)
+def test_family_values_are_integers_in_non_empty_lists(teacher, ofa, words):
+    """Each would have trained another family than the one given (the student's full size for
+    an empty list, l=1 for 1.5 or True) or crashed (a scalar)."""
+    with pytest.raises(UserError, match=words) as err:
+        _method(teacher, ofa=ofa)
+    assert "\n" not in str(err.value)
+    assert _method(teacher, ofa={"layers": None, "hidden": None}).student.config.family() == [
+        (2, 32)
+    ]  # null: the student's own size
 
 
 def _cli_args(tmp_path, out, *extra) -> list[str]:
@@ -166,6 +213,19 @@ def test_export_pairs_are_checked(teacher):
     assert _method(teacher, ofa={**FAMILY, "export": [[1, 16]]}).export == [(1, 16)]
     with pytest.raises(UserError, match="ofa.export needs export=true"):
         _method(teacher, ofa={**FAMILY, "export": [[1, 16]]}, export_student=False)
+
+
+def test_export_outside_the_family_is_named_in_a_warning(teacher, caplog):
+    """As `lmdistill-export-subnet` notes it: the sub-network is exported but was not trained."""
+    with caplog.at_level("WARNING", logger="lmdistill"):
+        assert _method(teacher, ofa={**FAMILY, "export": [[2, 32], [1, 24]]}).export == [
+            (2, 32), (1, 24)
+        ]  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "ofa.export [1, 24] is not in the trained family [2, 1] x [32, 16]: it is exported but "
+        "not trained for"
+    ]
 
 
 def test_a_supernet_student_takes_the_method_family(teacher):

@@ -32,6 +32,7 @@ def test_sandwich_is_largest_smallest_and_distinct_random_others():
 
 
 def test_all_is_every_subnet_every_step():
+    assert SubnetSampler(LAYERS, HIDDEN, "all").random_subnets is None  # none drawn (summary)
     sampler = SubnetSampler(LAYERS, HIDDEN, sampling="all")
     assert sampler.per_step == 15
     assert sampler(0) == sampler(12345) == family(LAYERS, HIDDEN)
@@ -67,9 +68,12 @@ def test_single_subnet_family_and_no_random_ones():
         ({"random_subnets": 14}, "0..13"),
         ({"random_subnets": -1}, "0..13"),
         ({"sampling": "random"}, "ofa.sampling"),
+        ({"sampling": "all", "random_subnets": 1}, "ofa.random_subnets=1 .*sandwich.*null"),
+        ({"sampling": "all", "random_subnets": 0}, "ofa.random_subnets=0 .*sandwich.*null"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kwargs, match):
+    """Including a random draw's size for `all`, which draws none (it would be ignored)."""
     with pytest.raises(UserError, match=match) as err:
         SubnetSampler(LAYERS, HIDDEN, **kwargs)
     assert "\n" not in str(err.value)

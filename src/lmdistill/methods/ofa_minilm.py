@@ -11,6 +11,7 @@ the MiniLM v2 relation loss of its relation site; the step's loss is their mean.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -32,7 +33,9 @@ from lmdistill.models.features import FeatureRequest
 from lmdistill.models.ofa_config import ofa_config, subnet_shape
 from lmdistill.models.ofa_export import export_subnet, subnet_name, subnet_table
 from lmdistill.models.ofa_model import OFABertModel
-from lmdistill.models.ofa_sampling import SubnetSampler
+from lmdistill.models.ofa_sampling import SubnetSampler, family_sizes
+
+log = logging.getLogger("lmdistill")
 
 
 def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
@@ -50,7 +53,8 @@ def as_supernet(student, layers: list[int], hidden: list[int]) -> OFABertModel:
 
 
 def check_exports(pairs, config) -> list[tuple[int, int]]:
-    """`ofa.export` as (l, h) pairs, each a sub-network of the super-net, or a `UserError`."""
+    """`ofa.export` as (l, h) pairs, each a sub-network of the super-net, or a `UserError`; a
+    warning names a pair outside the trained family (exported, but not trained for)."""
     pairs = list(pairs or [])
     out = []
     for pair in pairs:
@@ -67,6 +71,11 @@ def check_exports(pairs, config) -> list[tuple[int, int]]:
         if (layers, hidden) in out:
             raise UserError(f"ofa.export lists [{layers}, {hidden}] twice; list it once")
         out.append((layers, hidden))
+        if (layers, hidden) not in config.family():
+            log.warning(
+                "ofa.export [%d, %d] is not in the trained family %s x %s: it is exported but "
+                "not trained for", layers, hidden, config.ofa_layers, config.ofa_hidden,
+            )  # fmt: skip
     return out
 
 
@@ -89,8 +98,8 @@ class OFAMiniLM(DistillationMethod):
         ofa = {"layers": None, "hidden": None, "sampling": "sandwich", "random_subnets": None,
                "export": [], **(ofa or {})}  # fmt: skip
         c = student.config
-        layers = list(ofa["layers"] or [c.num_hidden_layers])
-        hidden = list(ofa["hidden"] or [c.hidden_size])
+        layers = family_sizes("ofa.layers", ofa["layers"], c.num_hidden_layers)
+        hidden = family_sizes("ofa.hidden", ofa["hidden"], c.hidden_size)
         student = as_supernet(student, layers, hidden)
         for who, size in [("teacher", teacher.hidden_size)] + [("sub-network", h) for h in hidden]:
             if relation_heads < 1 or size % relation_heads:

@@ -18,6 +18,24 @@ from lmdistill.errors import UserError
 SAMPLINGS = ("sandwich", "all")
 
 
+def family_sizes(key: str, values, default: int) -> list[int]:
+    """`ofa.layers` or `ofa.hidden` (`key`) as a list of ints (None: [default]), or a `UserError`:
+    an empty list, a scalar or a non-integer would train another family than the one given."""
+    if values is None:
+        return [default]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise UserError(f"{key}={values!r} is not a list; write e.g. '{key}=[{values}]'")
+    values = list(values)
+    if not values:
+        raise UserError(
+            f"{key}=[] is empty; list at least one size, e.g. [6,4,3], or null for the student's"
+        )
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise UserError(f"{key}={values!r}: {x!r} is not an integer; list integers only")
+    return values
+
+
 def family(layers: Sequence[int], hidden: Sequence[int]) -> list[tuple[int, int]]:
     """Every (l, h) of `layers` x `hidden`, largest first (layers outer, hidden inner)."""
     if not layers or not hidden:
@@ -35,7 +53,7 @@ class SubnetSampler:
     hidden: tuple[int, ...]  # ofa.hidden, e.g. (768, 512, 384, 256, 192)
     sampling: str = "sandwich"  # sandwich | all
     random_subnets: int | None = None  # sandwich: random ones besides the largest and smallest;
-    # None: 2, or as many as the family has when it has fewer
+    # None: 2, or as many as the family has when it has fewer; all: None (none drawn)
     seed: int = 0  # with the step, decides the random draw
 
     def __post_init__(self):
@@ -45,6 +63,13 @@ class SubnetSampler:
             raise UserError(
                 f"unknown ofa.sampling={self.sampling!r}; use one of {', '.join(SAMPLINGS)}"
             )
+        if self.sampling == "all":
+            if self.random_subnets is not None:
+                raise UserError(
+                    f"ofa.random_subnets={self.random_subnets!r} applies to ofa.sampling=sandwich; "
+                    "ofa.sampling=all trains every sub-network: set ofa.random_subnets=null"
+                )
+            return
         others = len(self.family) - len(self.ends)
         if self.random_subnets is None:
             object.__setattr__(self, "random_subnets", min(2, others))
