@@ -28,6 +28,10 @@ def test_both_stages_run_in_one_fit_in_the_run_directory(ta):
     metrics = read_metrics(ta["chain"] / "logs" / "metrics.csv")
     assert {int(r["step"]) for r in metrics if "assistant/train/loss" in r} == {0, 1, 2}
     assert {int(r["step"]) for r in metrics if "train/loss" in r} == {3, 4, 5, 6}
+    logged = [(int(r["step"]), k) for r in metrics for k in r if k not in ("step", "epoch")]
+    assert len(logged) == len(set(logged))  # each metric once a step, the switch's step too
+    before_switch = {k for step, k in logged if step < 3 and not k.startswith("lr-")}
+    assert all(k.startswith("assistant/") for k in before_switch), before_switch
     assert top["export_dir"] == str(ta["chain"] / "student")
     assert top["assistant"]["export_dir"] == str(stage1.resolve() / "student")
     assert top["assistant"]["summary"] == summary(stage1)

@@ -43,7 +43,7 @@ def moe_run(tmp_path_factory, cache_dir) -> Path:
     check_ok(run_cli([*TINY, *RUN, f"data.paths=[{work / 'corpus.txt'}]",
                       "callbacks.model_checkpoint.every_n_train_steps=2",
                       "callbacks.model_checkpoint.save_top_k=-1",
-                      "logger=[csv,tensorboard]", f"hydra.run.dir={out}"],
+                      "logger=[csv,tensorboard,wandb]", f"hydra.run.dir={out}"],
                      work, cache_dir))  # fmt: skip
     return out
 
@@ -95,7 +95,18 @@ def test_routing_is_logged(moe_run):
     rows = read_metrics(next(moe_run.rglob("metrics.csv")))
     keys = set().union(*rows)
     assert {"moe/layer1_ffn/load_e0", "moe/layer2_ffn/entropy", "train/loss_balance"} <= keys
-    assert list(moe_run.rglob("events.out.tfevents*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wandb_offline import history
+
+    steps = sorted(int(r["step"]) for r in rows if "moe/layer1_ffn/entropy" in r)
+    assert steps == [0, 1, 2, 3]  # every step (log_every_n_steps=1), 0-based as Lightning logs
+    (events,) = moe_run.glob("tensorboard/events.out.tfevents*")
+    tensorboard = EventAccumulator(str(events), size_guidance={"histograms": 0}).Reload()
+    histograms = tensorboard.Histograms("moe/layer1_ffn/experts")
+    assert [h.step for h in histograms] == steps  # beside the scalars, not a step later
+    (run_file,) = moe_run.glob("wandb/offline-run-*/run-*.wandb")
+    tables = {step for key, step in history(run_file) if key.startswith("moe/expert_load/")}
+    assert sorted(tables) == steps
 
 
 def test_exported_moe_student_fine_tunes_on_glue(moe_run, cache_dir, tmp_path, monkeypatch):

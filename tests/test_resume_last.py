@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from cli_helpers import TINY, check_ok, cli_env, read_metrics, run_cli, write_corpus
+from wandb_offline import history
 
 
 def test_ckpt_path_last_continues_an_interrupted_run(tmp_path):
@@ -17,6 +18,7 @@ def test_ckpt_path_last_continues_an_interrupted_run(tmp_path):
         f"data.paths=[{corpus}]",
         "trainer.max_steps=5",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        "logger=[csv,wandb]",
     ]
     crash = ["+callbacks.crash._target_=crash_callback.CrashAtStep", "+callbacks.crash.step=3"]
     code, _, err = run_cli(
@@ -39,6 +41,10 @@ def test_ckpt_path_last_continues_an_interrupted_run(tmp_path):
         }
     )
     assert steps == [2, 3, 4]  # from the first run's step-2 checkpoint
+    (first,) = (tmp_path / "first").glob("wandb/offline-run-*/run-*.wandb")
+    (second,) = (tmp_path / "second").glob("wandb/offline-run-*/run-*.wandb")
+    assert first.name == second.name  # run-<id>.wandb: the resumed run continues the same W&B run
+    assert {key[1] for key in history(second)} == {2, 3, 4}
 
 
 def test_ckpt_path_last_without_an_earlier_run_is_a_user_error(tmp_path):

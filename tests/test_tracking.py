@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_helpers import TINY, check_ok, compose_distill, run_cli, write_corpus
-from wandb_offline import read_offline_run
+from cli_helpers import TINY, check_ok, compose_distill, read_metrics, run_cli, write_corpus
+from wandb_offline import history, read_offline_run, read_offline_summary
 
 from lmdistill.resources import sweep_group
 
@@ -35,8 +35,10 @@ def single(workdir, cache_dir) -> Path:
             [
                 *TINY,
                 f"data.paths=[{workdir / 'corpus.txt'}]",
-                "trainer.max_steps=1",
-                "logger=wandb",
+                "trainer.max_steps=3",
+                "trainer.val_check_interval=2",
+                "data.val_batches=1",
+                "logger=[csv,wandb,tensorboard]",
                 f"hydra.run.dir={out}",
             ],  # fmt: skip
             workdir,
@@ -164,7 +166,42 @@ def test_single_run_has_no_group(single):
     hydra = yaml.safe_load((single / ".hydra" / "hydra.yaml").read_text())["hydra"]
     assert run.display_name == hydra["job"]["override_dirname"]  # its overrides
     assert "_student-tiny_" in run.display_name
-    assert config["trainer"]["max_steps"] == 1
+    assert config["trainer"]["max_steps"] == 3
+
+
+def _wandb_file(job: Path) -> Path:
+    (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
+    return run_file
+
+
+def test_wandb_summary_holds_the_runs_summary(single):
+    summary = json.loads((single / "summary.json").read_text())
+    logged = read_offline_summary(_wandb_file(single))
+    assert {k: logged.get(k) for k in summary} == summary  # final_loss, val_loss, precision, ...
+    assert summary["steps"] == 3 and summary["val_step"] == 3 and summary["final_loss"] > 0
+    assert logged["teacher"]["layer"] == summary["teacher"]["layer"] == 2  # tiny: 2 layers
+
+
+def _csv_metrics(job: Path) -> dict[tuple[str, int], float]:
+    rows = read_metrics(job / "logs" / "metrics.csv")
+    return {(k, int(row["step"])): v for row in rows for k, v in row.items() if k != "step"}
+
+
+def _tensorboard_metrics(job: Path) -> dict[tuple[str, int], float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = job.glob("tensorboard/events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+    return {(tag, e.step): e.value for tag in scalars.Tags()["scalars"]
+            for e in scalars.Scalars(tag)}  # fmt: skip
+
+
+def test_every_logger_gets_the_same_metrics_at_the_same_steps(single):
+    csv = _csv_metrics(single)
+    assert {("train/loss", 0), ("train/loss", 2), ("val/loss", 1), ("val/loss", 2)} <= set(csv)
+    for logged in (history(_wandb_file(single)), _tensorboard_metrics(single)):
+        assert set(logged) == set(csv)
+        assert logged == pytest.approx(csv, rel=1e-6)
 
 
 # --- the resolvers, in-process --------------------------------------------------------------------

@@ -82,3 +82,18 @@ def history_keys(run_file: Path) -> set[str]:
         if record.WhichOneof("record_type") == "history":
             keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
     return keys
+
+
+def history(run_file: Path) -> dict[tuple[str, int], float]:
+    """{(metric, trainer/global_step): value} of an offline W&B run's history (Lightning logs
+    each metric with the step as `trainer/global_step`)."""
+    values = {}
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            row = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            step = row.pop("trainer/global_step")
+            values.update({(k, step): v for k, v in row.items() if not k.startswith("_")})
+    return values

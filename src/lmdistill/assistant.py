@@ -120,7 +120,7 @@ def run_with_assistant(cfg: DictConfig) -> dict:
         if is_first_rank() and not plan.trains_assistant:
             _link(out_dir / STAGE1_DIR, plan.entry)
         make_chain = lambda _, precision: build_chain(cfg, plan, precision)  # noqa: E731
-        module, datamodule, trainer = build(_run_config(cfg, plan), make_module=make_chain)
+        module, datamodule, trainer = build(_run_config(cfg, plan), make_chain, checkpoint)
         module.record = {"cache_key": plan.cache_key, "assistant": _assistant_settings(cfg)}
         module.on_switch = functools.partial(_export_assistant, cfg=cfg, plan=plan,
                                              resumes=resumes, lock=lock)  # fmt: skip

@@ -27,7 +27,7 @@ from lmdistill.hydra_errors import report_hydra_errors
 from lmdistill.pipeline import build, run
 from lmdistill.resources import CONF_DIR, register_resolvers
 from lmdistill.runs import remember_job
-from lmdistill.tracking import finish_job_wandb_run
+from lmdistill.tracking import finish_job_wandb_run, update_wandb_summary
 
 register_resolvers()
 # Deprecation notices raised inside torchdata and Lightning themselves; nothing for users to act on.
@@ -48,6 +48,7 @@ def main(cfg: DictConfig) -> None:
                 summary = run_with_assistant(cfg)
             else:
                 summary = run(cfg)
+            update_wandb_summary(summary)  # the job's W&B run: summary.json's values (rank 0)
             if summary and cfg.get("eval") is not None:  # global rank 0, after the export barrier
                 evaluate_run(cfg, summary)
         finally:

@@ -28,7 +28,13 @@ from lmdistill.io import check_checkpoint_matches, load_checkpoint, write_json_a
 from lmdistill.models import export_student
 from lmdistill.models.describe import describe_student
 from lmdistill.models.teacher import quiet_transformers
-from lmdistill.resume import RecordConfig, Resume, check_resume, report_finished
+from lmdistill.resume import (
+    RecordConfig,
+    Resume,
+    check_resume,
+    checkpoint_wandb_run_id,
+    report_finished,
+)
 from lmdistill.runs import (
     config_key,
     handed_to_launched_ranks,
@@ -37,6 +43,7 @@ from lmdistill.runs import (
     write_job_record,
 )
 from lmdistill.safe_stop import EXIT_SIGNALLED, CheckpointOnStop
+from lmdistill.tracking import make_loggers
 
 log = logging.getLogger("lmdistill")
 
@@ -70,9 +77,10 @@ def build_method(cfg: DictConfig, precision: str, teacher=None):
     return method
 
 
-def build(cfg: DictConfig, make_module=build_method):
+def build(cfg: DictConfig, make_module=build_method, checkpoint: dict | None = None):
     """Instantiate (module, datamodule, trainer) from a composed config; the module is
-    `make_module(cfg, precision)` (a method, or the teacher assistant's chain)."""
+    `make_module(cfg, precision)` (a method, or the teacher assistant's chain). Resuming
+    `checkpoint`, the W&B logger continues the checkpoint's W&B run."""
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     enable_tf32(cfg.tf32)
     module = make_module(cfg, precision)
@@ -82,7 +90,7 @@ def build(cfg: DictConfig, make_module=build_method):
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")  # bad data paths or an empty corpus fail before anything is written
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+    loggers = make_loggers(cfg.logger, checkpoint_wandb_run_id(checkpoint)) or False
     trainer = instantiate(
         cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers,
         default_root_dir=cfg.paths.output_dir,
@@ -133,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
     checkpoint, resume, finished = open_checkpoint(cfg, ckpt_path, export_dir)
     if finished is not None:
         return report_finished(finished) if is_first_rank() else {}
-    module, datamodule, trainer = build(cfg)
+    module, datamodule, trainer = build(cfg, checkpoint=checkpoint)
     if checkpoint is not None:
         check_resumed_module(checkpoint, module, trainer, ckpt_path)
         del checkpoint

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lmdistill import __version__
 from lmdistill.errors import UserError
 from lmdistill.runs import training_config
+from lmdistill.tracking import wandb_run_id
 
 log = logging.getLogger("lmdistill")
 
@@ -60,7 +61,8 @@ class Resume:
 
 
 class RecordConfig(L.Callback):
-    """Write this run's training config (and its resume history) into every checkpoint."""
+    """Write this run's training config (and its resume history, and the id of its W&B run)
+    into every checkpoint."""
 
     def __init__(self, cfg: DictConfig, resume: Resume | None = None):
         self.config = _plain(training_config(cfg))
@@ -71,7 +73,14 @@ class RecordConfig(L.Callback):
             "config": self.config,
             "resumes": self.history,
             "lmdistill_version": __version__,
+            "wandb_run_id": wandb_run_id(trainer.loggers),  # a resume continues this W&B run
         }
+
+
+def checkpoint_wandb_run_id(checkpoint: dict | None) -> str | None:
+    """The W&B run that trained up to `checkpoint` (None: none, or no checkpoint)."""
+    recorded = (checkpoint or {}).get(CONFIG_KEY)
+    return recorded.get("wandb_run_id") if isinstance(recorded, dict) else None
 
 
 def check_resume(checkpoint: dict, cfg: DictConfig, path: str | Path) -> tuple[Resume, Path | None]:

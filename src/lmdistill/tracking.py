@@ -35,6 +35,34 @@ def update_wandb_summary(values: dict) -> None:
         run.summary.update(values)
 
 
+def _logs_to_wandb(conf) -> bool:
+    """Whether a logger config (one entry of the `logger` group) is a W&B logger."""
+    from hydra.utils import get_class
+    from lightning.pytorch.loggers import WandbLogger
+
+    return issubclass(get_class(conf._target_), WandbLogger)
+
+
+def make_loggers(logger_cfg, wandb_run_id: str | None = None) -> list:
+    """The loggers of the `logger` group; a W&B logger continues the W&B run `wandb_run_id`
+    (that of the checkpoint a run resumes: `checkpoint_wandb_run_id`), if one is given."""
+    from hydra.utils import instantiate
+
+    resume = {"id": wandb_run_id} if wandb_run_id else {}  # WandbLogger: resume="allow"
+    return [
+        instantiate(conf, **(resume if _logs_to_wandb(conf) else {}))
+        for conf in (logger_cfg or {}).values()
+    ]
+
+
+def wandb_run_id(loggers) -> str | None:
+    """The id of the W&B run the `loggers` log to, if one of them is a W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    ids = [logger.version for logger in loggers if isinstance(logger, WandbLogger)]
+    return ids[0] if ids else None
+
+
 def open_job_wandb_run(logger_cfg, run_dir: Path):
     """Where the job logs to W&B (`logger_cfg`: the config's `logger` group) but no W&B run is
     open (a finished run re-run for `eval=glue`: nothing was trained): open the configured one,
@@ -42,11 +70,10 @@ def open_job_wandb_run(logger_cfg, run_dir: Path):
     Returns the job's W&B run (None: it logs to none)."""
     if _active_wandb_run() is not None or not logger_cfg:
         return _active_wandb_run()
-    from hydra.utils import get_class, instantiate
-    from lightning.pytorch.loggers import WandbLogger
+    from hydra.utils import instantiate
 
     for conf in logger_cfg.values():
-        if issubclass(get_class(conf._target_), WandbLogger):
+        if _logs_to_wandb(conf):
             latest = Path(run_dir) / "wandb" / "latest-run"
             run_id = latest.resolve().name.rsplit("-", 1)[-1] if latest.is_dir() else None
             resume = {"id": run_id, "resume": "allow"} if run_id else {}

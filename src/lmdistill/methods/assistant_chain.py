@@ -162,6 +162,7 @@ class TeacherAssistantChain(L.LightningModule):
         self.on_switch = on_switch
         self.record: dict = {}  # more of the chain for its checkpoints (the run's cache key, ...)
         self._in_stage2 = stage1 is None  # this process has set stage 2 up (teacher weights, ...)
+        self._batch_step = 0  # the global step the current batch trains (not a submodule)
         if stage1 is not None:
             stage1.log_prefix = ASSISTANT_PREFIX
         if any(is_overridden("validation_step", m, L.LightningModule) for m in self.methods()):
@@ -276,6 +277,7 @@ class TeacherAssistantChain(L.LightningModule):
     # --- the training step: the active stage's ---------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._batch_step = self.trainer.global_step  # `active`'s step
         with self._calling(self.active) as method:
             return method.training_step(batch, batch_idx)
 
@@ -325,7 +327,9 @@ class TeacherAssistantChain(L.LightningModule):
             method.on_train_batch_start(batch, batch_idx)  # restores the RNG after a resume
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        with self._calling(self.active) as method:
+        """The hook of the method that trained the batch: after stage 1's last step, `active`
+        (the next step's) is stage 2 already, and its logging step is stage 1's to log."""
+        with self._calling(self.stage_of(self._batch_step)) as method:
             method.on_train_batch_end(outputs, batch, batch_idx)
 
     def on_train_end(self) -> None:

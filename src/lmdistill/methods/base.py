@@ -241,10 +241,14 @@ class DistillationMethod(L.LightningModule):
         if not self.meter.pending:
             return
         metrics = self.records.flush(self.trainer, batch_size)
-        # the run's last step (a teacher assistant's stage counts its own in `global_step`)
-        step = self.trainer.fit_loop.epoch_loop.global_step - 1
+        step = self.logged_step()
         for logger in self.loggers:
             logger.log_metrics({self.log_prefix + k: v for k, v in metrics.items()}, step=step)
+
+    def logged_step(self) -> int:
+        """The step just trained as the loggers number it: the run's 0-based global step (a
+        teacher assistant's stage counts its own steps in `global_step`)."""
+        return self.trainer.fit_loop.epoch_loop.global_step - 1
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The records; a checkpoint of a step that `on_train_batch_end` flushes next (they run

@@ -118,7 +118,7 @@ class MiniMoE(QKVRelationSteps, DistillationMethod):
     def _log_routing_tables(self, rows: list[tuple]) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-        step = self.global_step
+        step = self.logged_step()  # the step of the scalars logged with them
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 for routing in self.student.routing:
