@@ -50,14 +50,9 @@ ASSISTANT_DIR = "assistant"
 
 def evaluate_run(cfg: DictConfig, summary: dict) -> dict:
     """Fine-tune the run's student (and its teacher assistant) on `cfg.eval`'s GLUE grid; adds
-    `glue` (and `assistant.glue`) to `summary`, rewrites `<run>/summary.json`; returns `summary`.
-
-    `<run>` is the run the summary belongs to, where its student was exported (`<run>/student`):
-    the job's own directory, or a finished run that `ckpt_path=last` found elsewhere (its grid
-    points are there, and its summary is the student's record)."""
-    out_dir = Path(summary["export_dir"]).parent
-    if out_dir.resolve() != Path(cfg.paths.output_dir).resolve():
-        log.info("evaluating the finished run %s in its own directory", out_dir)
+    `glue` (and `assistant.glue`) to `summary`, rewrites `<run>/summary.json` (`owning_run`);
+    returns `summary`."""
+    out_dir = owning_run(cfg, summary)
     models = [("student", summary, out_dir / EVAL_DIR)]
     assistant = summary.get("assistant")
     if isinstance(assistant, dict) and assistant.get("export_dir"):
@@ -71,6 +66,19 @@ def evaluate_run(cfg: DictConfig, summary: dict) -> dict:
     open_job_wandb_run(cfg.get("logger"), out_dir)  # a finished run re-run: its earlier W&B run
     update_wandb_summary(wandb_scores(summary))
     return summary
+
+
+def owning_run(cfg: DictConfig, summary: dict) -> Path:
+    """The run directory `summary` belongs to: the job's own, or a finished run that
+    `ckpt_path=last` (or a checkpoint path) found elsewhere, whose export `<run>/student` lies
+    beside its summary.json: its grid points are there, and its summary is the student's record."""
+    own, export = Path(cfg.paths.output_dir), Path(summary["export_dir"])
+    run = export.parent
+    if export.name == "student" and (run / "summary.json").is_file():
+        if run.resolve() != own.resolve():
+            log.info("evaluating the finished run %s in its own directory", run)
+            return run
+    return own
 
 
 def wandb_scores(summary: dict) -> dict:
