@@ -1,5 +1,6 @@
 """Sources, formats, validation, determinism and sharding of the pretraining DataModule."""
 
+import os
 import re
 
 import pytest
@@ -238,6 +239,38 @@ def test_setup_errors(tmp_path, tokenizer_path):
     jsonl = write_jsonl(tmp_path / "c.jsonl", ["some text here"], field="body")
     with pytest.raises(UserError, match="no field 'text'"):
         _dm(tokenizer=tokenizer_path, paths=[jsonl], document_format="line").setup()
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path, tokenizer_path):
+    """Found before anything is cached, whichever file of the corpus it is."""
+    good = write_blank_line(tmp_path / "a.txt", make_documents(3))
+    (tmp_path / "b.txt").write_bytes("Caf\u00e9 au lait. Tr\u00e8s bien.\n".encode("latin-1"))
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as info:
+        _dm(tokenizer=tokenizer_path, paths=[good, str(tmp_path / "b.txt")],
+            cache_dir=str(cache)).setup()  # fmt: skip
+    message = str(info.value)
+    assert f"{tmp_path / 'b.txt'} is not UTF-8 text (byte 0xe9 at offset 3)" in message
+    assert "\n" not in message and not cache.exists()
+
+
+def test_a_record_that_fails_mid_build_is_one_error(tmp_path, tokenizer_path, monkeypatch):
+    """A loader error past the first record (which setup reads first) names the corpus, and the
+    half-built cache is gone."""
+    from lmdistill.data import token_cache
+
+    def failing(*args):
+        yield next(iter_documents(*args))
+        raise ValueError("JSON parse error in row 7")
+
+    monkeypatch.setattr(token_cache, "iter_documents", failing)
+    path = write_blank_line(tmp_path / "c.txt", make_documents(3))
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as info:
+        _dm(tokenizer=tokenizer_path, paths=[path], cache_dir=str(cache)).setup()
+    message = str(info.value)
+    assert f"cannot read corpus {path} (ValueError: JSON parse error in row 7)" in message
+    assert not [n for n in os.listdir(cache / "tokens") if not n.endswith(".lock")]
 
 
 def test_a_hub_corpus_without_the_hub_says_so(tokenizer_path):

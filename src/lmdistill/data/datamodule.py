@@ -236,6 +236,12 @@ class PretrainingDataModule(L.LightningDataModule):
                     "data.cache_dir (or paths.cache_dir) to a writable directory, or "
                     "data.pretokenize=false"
                 ) from None
+            except Exception as err:  # noqa: BLE001 - a record the loader cannot read
+                first_line = str(err).splitlines()[0] if str(err) else ""
+                raise UserError(
+                    f"cannot read corpus {', '.join(spec.data_files)} ({type(err).__name__}: "
+                    f"{first_line}); fix or leave out the file with the bad record"
+                ) from None
         return cache
 
     def _check_not_empty(self, spec: StreamSpec) -> None:
