@@ -254,6 +254,28 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, tokenizer_path):
     assert "\n" not in message and not cache.exists()
 
 
+@pytest.mark.parametrize(
+    "kwargs,world,shown",
+    [
+        (dict(val_batches=1), 1, "(1 document in 100 held out) gives 0 segment pair(s) on rank 0"),
+        (dict(), 1, "gives 1 segment pair(s) on rank 0 of 1"),
+        (dict(batch_size=1), 2, "gives 0 segment pair(s) on rank 1 of 2"),
+    ],
+)
+def test_training_text_shorter_than_a_batch_is_refused(
+    tmp_path, tokenizer_path, kwargs, world, shown
+):
+    """Else every epoch ends without a step and training spins through epochs forever."""
+    path = write_blank_line(tmp_path / "c.txt", ["One short sentence here. Another follows it."])
+    args = dict(tokenizer=tokenizer_path, paths=[path], batch_size=4, max_seq_length=32,
+                cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    args.update(kwargs)
+    dm = _dm(**args)
+    dm._rank_world = lambda: (0, world)
+    with pytest.raises(UserError, match=re.escape(shown) + ".*fewer than one batch"):
+        dm.setup()
+
+
 def test_a_record_that_fails_mid_build_is_one_error(tmp_path, tokenizer_path, monkeypatch):
     """A loader error past the first record (which setup reads first) names the corpus, and the
     half-built cache is gone."""

@@ -13,12 +13,14 @@ Validation (`val_batches` > 0): a fixed list of batches of held-out text, built 
 every round(1/`val_fraction`)-th, never trained on); `val_dataloader()` gives each rank its share.
 
 Arguments are validated in the constructor where possible and in `setup()` otherwise (tokenizer,
-files, empty corpus); problems raise `UserError` naming the problem and the fix.
+files, empty corpus, training text shorter than one batch per rank); problems raise `UserError`
+naming the problem and the fix.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import lightning as L
@@ -210,6 +212,27 @@ class PretrainingDataModule(L.LightningDataModule):
         self.spec = spec
         if self.val_batches:  # an empty held-out part fails here, before training
             self._build_validation(self._rank_world()[1])
+        self._check_one_batch(self._rank_world()[1])
+
+    def _check_one_batch(self, world_size: int) -> None:
+        """A UserError unless every rank's training part gives at least one full batch (else an
+        epoch would end without a step, and the next one too, forever)."""
+        cache = self.cache if self.cache is not None and self.cache.complete else None
+        for rank in range(world_size):
+            stream = self._pair_stream(
+                spec=self.spec, shuffle_buffer=0, seed=self.seed, rank=rank,
+                world_size=world_size, cache=cache, holdout=self.holdout,
+            )  # fmt: skip
+            pairs = sum(1 for _ in itertools.islice(stream, self.batch_size))
+            if pairs < self.batch_size:
+                held, fix = "", "add text or lower data.batch_size"
+                if self.holdout:
+                    held = f" (1 document in {self.holdout} held out)"
+                    fix += ", lower data.val_fraction or give data.val_paths"
+                raise UserError(
+                    f"the training text{held} gives {pairs} segment pair(s) on rank {rank} of "
+                    f"{world_size}, fewer than one batch (data.batch_size={self.batch_size}); {fix}"
+                )
 
     def _token_cache(self, spec: StreamSpec, tokenizer) -> token_cache.TokenCache:
         """The keyed cache; local corpora are tokenized into it now (once, under a lock)."""
