@@ -303,3 +303,16 @@ def test_a_hub_corpus_without_the_hub_says_so(tokenizer_path):
     message = str(info.value)
     assert "cannot read corpus wikimedia/wikipedia" in message and "\n" not in message
     assert "HF_DATASETS_OFFLINE" in message and "data=text" in message
+
+
+def test_a_hub_corpus_found_offline_with_a_wrong_split_names_the_setting(tmp_path, tokenizer_path):
+    """Offline, a dataset that is found (a local directory here, or the hub cache) with a split
+    it lacks is a settings error, not a reason to go online."""
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "ds" / "train.jsonl", make_documents(3))
+    with pytest.raises(UserError) as info:
+        _dm(tokenizer=tokenizer_path, source="hub", hf_path=str(tmp_path / "ds"),
+            hf_split="validation", paths=None).setup()  # fmt: skip
+    message = str(info.value)
+    assert "Bad split: validation" in message and "data.hf_split" in message
+    assert "HF_DATASETS_OFFLINE" not in message and "\n" not in message

@@ -275,7 +275,9 @@ class PretrainingDataModule(L.LightningDataModule):
             raise
         except Exception as err:  # noqa: BLE001 - any loader failure is reported the same way
             where = ", ".join(spec.data_files) if spec.data_files else spec.builder
-            fix = "check the files/dataset name, format and data.text_field"
+            fix = "check the files, data.document_format and data.text_field"
+            if not spec.data_files:
+                fix = "check data.hf_path, data.hf_name, data.hf_split and data.text_field"
             if not spec.data_files and _unreachable_hub(err):
                 fix = ("a hub corpus is read from the Hugging Face hub the first time: unset "
                        "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE or connect, or use data=text with "
@@ -356,7 +358,6 @@ class PretrainingDataModule(L.LightningDataModule):
 
 
 def _unreachable_hub(err: Exception) -> bool:
-    """Whether loading a hub corpus failed for want of the hub (offline mode, no connection)."""
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                  for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))  # fmt: skip
-    return offline or "Offline" in type(err).__name__ or isinstance(err, ConnectionError)
+    """Whether loading a hub corpus failed for want of the hub (offline mode, no connection), not
+    for a wrong config or split of a dataset that was found (locally or in the cache)."""
+    return "Offline" in type(err).__name__ or isinstance(err, ConnectionError)
