@@ -130,6 +130,20 @@ def test_cache_follows_contents_of_same_size_and_time(tmp_path, tokenizer_path, 
     assert third.cache.root == second.cache.root
 
 
+def test_local_dataset_directory_is_keyed_by_contents(tmp_path, tokenizer, hub_dir):
+    spec = StreamSpec(hub_dir, None, None, "train", None)
+    tok_json = plain_backend(tokenizer).to_str()
+    first = token_cache.cache_key(spec, "line", "text", tok_json, 5)
+    path = os.path.join(hub_dir, "train.jsonl")
+    stat = os.stat(path)
+    text = open(path, encoding="utf-8").read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace("river", "RIVER"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    assert token_cache.cache_key(spec, "line", "text", tok_json, 5) != first
+
+
 def test_failed_build_leaves_no_cache(tmp_path, tokenizer, monkeypatch):
     path = write_blank_line(tmp_path / "c.txt", make_documents(12, seed=2))
     spec = local_spec([path], "blank_line")

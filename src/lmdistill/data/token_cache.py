@@ -24,7 +24,7 @@ written to a temporary directory and renamed into place, so readers never see ha
 two writers of the same part (DDP ranks, sweep jobs) cannot corrupt it.
 
 Hub datasets are keyed by path, config and split, not by revision: delete `<cache_dir>/tokens`
-after the dataset changes on the hub. Size: 2 bytes per token (4 above 65535 word pieces) plus
+after the dataset changes on the hub (a local dataset directory is keyed by its files' contents). Size: 2 bytes per token (4 above 65535 word pieces) plus
 8 per sentence, e.g. about 9 GB for English Wikipedia.
 
 `max_seq_length` is not in the key on purpose: sentences are tokenized without truncation, and
@@ -62,6 +62,15 @@ def _file_digest(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _dir_files(root: str) -> list[str]:
+    """The files under `root`, sorted, hidden files and directories left out."""
+    found = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(top, n) for n in names if not n.startswith(".")]
+    return sorted(found)
+
+
 def cache_key(
     spec: StreamSpec,
     document_format: str,
@@ -72,6 +81,10 @@ def cache_key(
     """A hash of everything that changes the cached token ids."""
     # contents, not names or times: an edit keeps neither the cache nor its key
     files = [_file_digest(f) for f in spec.data_files] if spec.data_files is not None else None
+    if files is None and os.path.isdir(spec.builder):  # a local dataset read as a hub one
+        files = [
+            (os.path.relpath(f, spec.builder), _file_digest(f)) for f in _dir_files(spec.builder)
+        ]
     parts = {
         "version": FORMAT_VERSION,
         "spec": [spec.builder, files, spec.name, spec.split, spec.sample_by],
