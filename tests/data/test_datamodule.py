@@ -316,3 +316,16 @@ def test_a_hub_corpus_found_offline_with_a_wrong_split_names_the_setting(tmp_pat
     message = str(info.value)
     assert "Bad split: validation" in message and "data.hf_split" in message
     assert "HF_DATASETS_OFFLINE" not in message and "\n" not in message
+
+
+def test_a_tokenizer_under_home_tokenizes_on_the_fly(tmp_path, tokenizer_path, corpus, monkeypatch):
+    """`~/...` is read the same by setup and by the streams that tokenize without the cache."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    os.symlink(tokenizer_path, tmp_path / "tok")
+
+    def first_batch(tokenizer):
+        dm = _dm(tokenizer=tokenizer, paths=[corpus], batch_size=4, pretokenize=False)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))["input_ids"]
+
+    assert torch.equal(first_batch("~/tok"), first_batch(tokenizer_path))

@@ -304,7 +304,7 @@ class PretrainingDataModule(L.LightningDataModule):
     def _pair_stream(self, **settings) -> SegmentPairStream:
         """Segment pairs of this corpus's tokenizer and format, with the part-specific `settings`."""
         return SegmentPairStream(
-            tokenizer=self.tokenizer_name,
+            tokenizer=os.path.expanduser(self.tokenizer_name),  # as load_tokenizer reads it
             template=self.template,
             document_format=self.document_format,
             text_field=self.text_field,
