@@ -329,3 +329,12 @@ def test_a_tokenizer_under_home_tokenizes_on_the_fly(tmp_path, tokenizer_path, c
         return next(iter(dm.train_dataloader()))["input_ids"]
 
     assert torch.equal(first_batch("~/tok"), first_batch(tokenizer_path))
+
+
+def test_an_unreadable_jsonl_is_one_line_on_stderr(tmp_path, tokenizer_path, capfd):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "A first record. It has two sentences."}\n{"text": "cut off\n')
+    with pytest.raises(UserError, match=r"cannot read corpus .*bad\.jsonl \(ArrowInvalid: JSON"):
+        _dm(tokenizer=tokenizer_path, paths=[str(path)], document_format="line",
+            cache_dir=str(tmp_path / "cache")).setup()  # fmt: skip
+    assert "bad.jsonl" not in capfd.readouterr().err  # nothing but the error itself

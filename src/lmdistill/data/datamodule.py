@@ -19,6 +19,7 @@ naming the problem and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -252,7 +253,10 @@ class PretrainingDataModule(L.LightningDataModule):
         )
         if spec.data_files is not None:  # local files: tokenized whole now
             try:
-                token_cache.build_cache(cache, spec, self.document_format, self.text_field, backend)
+                with quiet_datasets():
+                    token_cache.build_cache(
+                        cache, spec, self.document_format, self.text_field, backend
+                    )
             except OSError as err:
                 raise UserError(
                     f"cannot write the token cache under {root} ({err.strerror}); set "
@@ -269,8 +273,9 @@ class PretrainingDataModule(L.LightningDataModule):
 
     def _check_not_empty(self, spec: StreamSpec) -> None:
         try:
-            documents = iter_documents(spec, self.document_format, self.text_field)
-            first = next(documents, None)
+            with quiet_datasets():
+                documents = iter_documents(spec, self.document_format, self.text_field)
+                first = next(documents, None)
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - any loader failure is reported the same way
@@ -355,6 +360,20 @@ class PretrainingDataModule(L.LightningDataModule):
             collate_fn=functools.partial(collate_pairs, pad_id=self.pad_token_id),
             persistent_workers=False,
         )
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Silence `datasets`' own log of a file it cannot read: the UserError made of the exception
+    is the one line the user sees."""
+    from datasets.utils import logging as ds_logging
+
+    verbosity = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
 
 
 def _unreachable_hub(err: Exception) -> bool:
