@@ -274,6 +274,12 @@ def test_training_text_shorter_than_a_batch_is_refused(
     dm._rank_world = lambda: (0, world)
     with pytest.raises(UserError, match=re.escape(shown) + ".*fewer than one batch"):
         dm.setup()
+    if world > 1:  # set up before the trainer knew its ranks (as the CLI does), then trained
+        dm = _dm(**args)
+        dm.setup()
+        dm._rank_world = lambda: (0, world)
+        with pytest.raises(UserError, match=re.escape(shown) + ".*fewer than one batch"):
+            dm.train_dataloader()
 
 
 def test_a_record_that_fails_mid_build_is_one_error(tmp_path, tokenizer_path, monkeypatch):

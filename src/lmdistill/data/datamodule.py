@@ -154,6 +154,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self.val_cache: token_cache.TokenCache | None = None
         self._val_batches: list[dict] | None = None  # all ranks' batches, built for _val_world
         self._val_world = 1
+        self._checked_worlds: set[int] = set()  # world sizes whose ranks all get a batch
         self.source = source
         self.tokenizer_name = tokenizer
         self.paths = (
@@ -217,7 +218,11 @@ class PretrainingDataModule(L.LightningDataModule):
 
     def _check_one_batch(self, world_size: int) -> None:
         """A UserError unless every rank's training part gives at least one full batch (else an
-        epoch would end without a step, and the next one too, forever)."""
+        epoch would end without a step, and the next one too, forever; a DDP rank without
+        pairs would leave the others waiting). Checked once per world size: `setup()` may run
+        before the trainer knows its ranks, `train_dataset()` checks again once it does."""
+        if world_size in self._checked_worlds:
+            return
         cache = self.cache if self.cache is not None and self.cache.complete else None
         for rank in range(world_size):
             stream = self._pair_stream(
@@ -234,6 +239,7 @@ class PretrainingDataModule(L.LightningDataModule):
                     f"the training text{held} gives {pairs} segment pair(s) on rank {rank} of "
                     f"{world_size}, fewer than one batch (data.batch_size={self.batch_size}); {fix}"
                 )
+        self._checked_worlds.add(world_size)
 
     def _token_cache(self, spec: StreamSpec, tokenizer) -> token_cache.TokenCache:
         """The keyed cache; local corpora are tokenized into it now (once, under a lock)."""
@@ -301,6 +307,7 @@ class PretrainingDataModule(L.LightningDataModule):
     def train_dataset(self, epoch: int = 0) -> SegmentPairStream:
         self.setup()
         rank, world = self._rank_world()
+        self._check_one_batch(world)
         return self._pair_stream(
             spec=self.spec, shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank,
             world_size=world, epoch=epoch, cache=self.cache, holdout=self.holdout,
