@@ -325,6 +325,15 @@ class PretrainingDataModule(L.LightningDataModule):
             **settings,
         )
 
+    def corpus_record(self) -> dict:
+        """What identifies the training text: its files (absolute; null for a hub corpus) and the
+        token cache key, a hash of their contents, the tokenizer and the format (null without
+        the cache)."""
+        self.setup()
+        files = list(self.spec.data_files) if self.spec.data_files is not None else None
+        key = os.path.basename(self.cache.root) if self.cache is not None else None
+        return {"files": files, "token_cache": key}
+
     @property
     def validates(self) -> bool:
         """Whether this data module gives validation batches (`val_batches` > 0)."""
