@@ -344,3 +344,15 @@ def test_an_unreadable_jsonl_is_one_line_on_stderr(tmp_path, tokenizer_path, cap
         _dm(tokenizer=tokenizer_path, paths=[str(path)], document_format="line",
             cache_dir=str(tmp_path / "cache")).setup()  # fmt: skip
     assert "bad.jsonl" not in capfd.readouterr().err  # nothing but the error itself
+
+
+def test_bad_validation_files_name_data_val_paths(tmp_path, tokenizer_path, corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for val_paths, shown in (
+        ([str(tmp_path / "held*.txt")], "matches no file; give existing files, globs or"),
+        ([str(empty)], "corpus is empty: no text in"),
+    ):
+        dm = _dm(tokenizer=tokenizer_path, paths=[corpus], val_paths=val_paths, val_batches=1)
+        with pytest.raises(UserError, match=shown + r".*\(data\.val_paths"):
+            dm.setup()

@@ -204,8 +204,9 @@ class PretrainingDataModule(L.LightningDataModule):
         if self.pretokenize:
             self.cache = self._token_cache(spec, tokenizer)
         if self.val_batches and self.val_paths:
-            self.val_spec = local_spec(resolve_paths(self.val_paths), self.document_format)
-            self._check_not_empty(self.val_spec)
+            val_files = resolve_paths(self.val_paths, "data.val_paths")
+            self.val_spec = local_spec(val_files, self.document_format)
+            self._check_not_empty(self.val_spec, "data.val_paths")
             self.val_cache = (
                 self._token_cache(self.val_spec, tokenizer) if self.pretokenize else None
             )
@@ -277,7 +278,7 @@ class PretrainingDataModule(L.LightningDataModule):
                 ) from None
         return cache
 
-    def _check_not_empty(self, spec: StreamSpec) -> None:
+    def _check_not_empty(self, spec: StreamSpec, setting: str = "data.paths") -> None:
         try:
             with quiet_datasets():
                 documents = iter_documents(spec, self.document_format, self.text_field)
@@ -300,7 +301,7 @@ class PretrainingDataModule(L.LightningDataModule):
         if first is None:
             where = ", ".join(spec.data_files) if spec.data_files else spec.builder
             raise UserError(
-                f"corpus is empty: no text in {where}; give files with text (data.paths) "
+                f"corpus is empty: no text in {where}; give files with text ({setting}) "
                 "or check data.text_field / data.document_format"
             )
 

@@ -71,8 +71,9 @@ class StreamSpec:
         return datasets.load_dataset(self.builder, **kwargs)
 
 
-def resolve_paths(paths: list[str] | str) -> list[str]:
-    """Expand files, globs and directories (searched recursively) into a sorted file list."""
+def resolve_paths(paths: list[str] | str, setting: str = "data.paths") -> list[str]:
+    """Expand files, globs and directories (searched recursively) into a sorted file list;
+    `setting` names the option they came from in errors."""
     if isinstance(paths, str):
         paths = [paths]
     files: list[str] = []
@@ -92,7 +93,7 @@ def resolve_paths(paths: list[str] | str) -> list[str]:
         if not found:
             raise UserError(
                 f"data path {pattern!r} matches no file; give existing files, globs or "
-                "directories containing .txt, .jsonl, .json or .parquet files (data.paths=...)"
+                f"directories containing .txt, .jsonl, .json or .parquet files ({setting}=...)"
             )
         files.extend(sorted(os.path.abspath(f) for f in found))
     return list(dict.fromkeys(files))  # keep order, drop duplicates
