@@ -224,11 +224,10 @@ class PretrainingDataModule(L.LightningDataModule):
         before the trainer knows its ranks, `train_dataset()` checks again once it does."""
         if world_size in self._checked_worlds:
             return
-        cache = self.cache if self.cache is not None and self.cache.complete else None
-        for rank in range(world_size):
+        for rank in range(world_size):  # reads the cache where it holds the documents
             stream = self._pair_stream(
                 spec=self.spec, shuffle_buffer=0, seed=self.seed, rank=rank,
-                world_size=world_size, cache=cache, holdout=self.holdout,
+                world_size=world_size, cache=self.cache, holdout=self.holdout,
             )  # fmt: skip
             pairs = sum(1 for _ in itertools.islice(stream, self.batch_size))
             if pairs < self.batch_size:
