@@ -170,7 +170,7 @@ def test_export_tokenizer_round_trips(main_run, tiny_teacher_dir):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
-def test_export_provenance(main_run, workdir):
+def test_export_provenance(main_run, workdir, cache_dir):
     provenance = json.loads((main_run / "student" / "lmdistill_provenance.json").read_text())
     assert provenance["teacher"].endswith("tiny-bert-v2")
     assert provenance["method"] == "lmdistill.methods.MiniLMv2"
@@ -179,6 +179,11 @@ def test_export_provenance(main_run, workdir):
     assert provenance["relation_weights"] == {"qq": 1.0, "kk": 1.0, "vv": 1.0}
     assert provenance["init_from_teacher"] is False
     assert provenance["data"]["paths"] == [str(workdir / "corpus.txt")]
+    # the text itself: the token cache key hashes the file's contents with the tokenizer
+    assert provenance["data"]["files"] == [str(workdir / "corpus.txt")]
+    assert (
+        cache_dir / "data" / "tokens" / provenance["data"]["token_cache"] / "complete.json"
+    ).exists()
     assert provenance["steps"] == MAIN_STEPS
 
 

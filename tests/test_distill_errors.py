@@ -28,6 +28,8 @@ def workdir(tmp_path_factory, cache_dir) -> Path:
     path = tmp_path_factory.mktemp("errors")
     write_corpus(path / "corpus.txt")
     (path / "empty.txt").write_text("\n\n   \n")
+    (path / "short.txt").write_text("One short sentence here. Another one follows it.\n")
+    (path / "latin1.txt").write_bytes("Caf\u00e9 au lait.\n".encode("latin-1"))
     (path / "not_a_checkpoint.ckpt").write_text("this is a text file, not a checkpoint\n")
     return path
 
@@ -65,6 +67,13 @@ CLI_CASES = {
         ["/nonexistent/model", "does not exist"],
     ),
     "empty_corpus": (["data.paths=[{w}/empty.txt]"], ["empty", "empty.txt"]),
+    # fewer pairs than a batch: every epoch ended without a step, forever
+    "short_corpus": (["data.paths=[{w}/short.txt]"], ["fewer than one batch", "batch_size=8"]),
+    # a second file that is not UTF-8 failed mid-build with a traceback
+    "not_utf8": (
+        ["data.paths=[{w}/corpus.txt,{w}/latin1.txt]"],
+        ["latin1.txt is not UTF-8", "convert it"],
+    ),
     "text_checkpoint": (
         ["ckpt_path={w}/not_a_checkpoint.ckpt"],
         ["not_a_checkpoint.ckpt", "checkpoint"],

@@ -305,7 +305,10 @@ def provenance(cfg: DictConfig, module, trainer) -> dict:
         **student_init(cfg),
         **module.summary_fields(),
         "untrained_parameters": module.frozen_parameters,
-        "data": OmegaConf.to_container(OmegaConf.create(data), resolve=True),
+        "data": {
+            **OmegaConf.to_container(OmegaConf.create(data), resolve=True),
+            **(record() if (record := getattr(trainer.datamodule, "corpus_record", None)) else {}),
+        },
         "steps": trainer.global_step,
         "tokens_seen": module.tokens_seen,
         "seed": cfg.seed,

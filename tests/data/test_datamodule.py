@@ -1,5 +1,6 @@
 """Sources, formats, validation, determinism and sharding of the pretraining DataModule."""
 
+import os
 import re
 
 import pytest
@@ -240,6 +241,66 @@ def test_setup_errors(tmp_path, tokenizer_path):
         _dm(tokenizer=tokenizer_path, paths=[jsonl], document_format="line").setup()
 
 
+def test_a_file_that_is_not_utf8_is_named(tmp_path, tokenizer_path):
+    """Found before anything is cached, whichever file of the corpus it is."""
+    good = write_blank_line(tmp_path / "a.txt", make_documents(3))
+    (tmp_path / "b.txt").write_bytes("Caf\u00e9 au lait. Tr\u00e8s bien.\n".encode("latin-1"))
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as info:
+        _dm(tokenizer=tokenizer_path, paths=[good, str(tmp_path / "b.txt")],
+            cache_dir=str(cache)).setup()  # fmt: skip
+    message = str(info.value)
+    assert f"{tmp_path / 'b.txt'} is not UTF-8 text (byte 0xe9 at offset 3)" in message
+    assert "\n" not in message and not cache.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,world,shown",
+    [
+        (dict(val_batches=1), 1, "(1 document in 100 held out) gives 0 segment pair(s) on rank 0"),
+        (dict(), 1, "gives 1 segment pair(s) on rank 0 of 1"),
+        (dict(batch_size=1), 2, "gives 0 segment pair(s) on rank 1 of 2"),
+    ],
+)
+def test_training_text_shorter_than_a_batch_is_refused(
+    tmp_path, tokenizer_path, kwargs, world, shown
+):
+    """Else every epoch ends without a step and training spins through epochs forever."""
+    path = write_blank_line(tmp_path / "c.txt", ["One short sentence here. Another follows it."])
+    args = dict(tokenizer=tokenizer_path, paths=[path], batch_size=4, max_seq_length=32,
+                cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    args.update(kwargs)
+    dm = _dm(**args)
+    dm._rank_world = lambda: (0, world)
+    with pytest.raises(UserError, match=re.escape(shown) + ".*fewer than one batch"):
+        dm.setup()
+    if world > 1:  # set up before the trainer knew its ranks (as the CLI does), then trained
+        dm = _dm(**args)
+        dm.setup()
+        dm._rank_world = lambda: (0, world)
+        with pytest.raises(UserError, match=re.escape(shown) + ".*fewer than one batch"):
+            dm.train_dataloader()
+
+
+def test_a_record_that_fails_mid_build_is_one_error(tmp_path, tokenizer_path, monkeypatch):
+    """A loader error past the first record (which setup reads first) names the corpus, and the
+    half-built cache is gone."""
+    from lmdistill.data import token_cache
+
+    def failing(*args):
+        yield next(iter_documents(*args))
+        raise ValueError("JSON parse error in row 7")
+
+    monkeypatch.setattr(token_cache, "iter_documents", failing)
+    path = write_blank_line(tmp_path / "c.txt", make_documents(3))
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as info:
+        _dm(tokenizer=tokenizer_path, paths=[path], cache_dir=str(cache)).setup()
+    message = str(info.value)
+    assert f"cannot read corpus {path} (ValueError: JSON parse error in row 7)" in message
+    assert not [n for n in os.listdir(cache / "tokens") if not n.endswith(".lock")]
+
+
 def test_a_hub_corpus_without_the_hub_says_so(tokenizer_path):
     """The tests run offline (HF_DATASETS_OFFLINE=1): the fix names the hub, not the files."""
     with pytest.raises(UserError) as info:
@@ -248,3 +309,50 @@ def test_a_hub_corpus_without_the_hub_says_so(tokenizer_path):
     message = str(info.value)
     assert "cannot read corpus wikimedia/wikipedia" in message and "\n" not in message
     assert "HF_DATASETS_OFFLINE" in message and "data=text" in message
+
+
+def test_a_hub_corpus_found_offline_with_a_wrong_split_names_the_setting(tmp_path, tokenizer_path):
+    """Offline, a dataset that is found (a local directory here, or the hub cache) with a split
+    it lacks is a settings error, not a reason to go online."""
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "ds" / "train.jsonl", make_documents(3))
+    with pytest.raises(UserError) as info:
+        _dm(tokenizer=tokenizer_path, source="hub", hf_path=str(tmp_path / "ds"),
+            hf_split="validation", paths=None).setup()  # fmt: skip
+    message = str(info.value)
+    assert "Bad split: validation" in message and "data.hf_split" in message
+    assert "HF_DATASETS_OFFLINE" not in message and "\n" not in message
+
+
+def test_a_tokenizer_under_home_tokenizes_on_the_fly(tmp_path, tokenizer_path, corpus, monkeypatch):
+    """`~/...` is read the same by setup and by the streams that tokenize without the cache."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    os.symlink(tokenizer_path, tmp_path / "tok")
+
+    def first_batch(tokenizer):
+        dm = _dm(tokenizer=tokenizer, paths=[corpus], batch_size=4, pretokenize=False)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))["input_ids"]
+
+    assert torch.equal(first_batch("~/tok"), first_batch(tokenizer_path))
+
+
+def test_an_unreadable_jsonl_is_one_line_on_stderr(tmp_path, tokenizer_path, capfd):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "A first record. It has two sentences."}\n{"text": "cut off\n')
+    with pytest.raises(UserError, match=r"cannot read corpus .*bad\.jsonl \(ArrowInvalid: JSON"):
+        _dm(tokenizer=tokenizer_path, paths=[str(path)], document_format="line",
+            cache_dir=str(tmp_path / "cache")).setup()  # fmt: skip
+    assert "bad.jsonl" not in capfd.readouterr().err  # nothing but the error itself
+
+
+def test_bad_validation_files_name_data_val_paths(tmp_path, tokenizer_path, corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for val_paths, shown in (
+        ([str(tmp_path / "held*.txt")], "matches no file; give existing files, globs or"),
+        ([str(empty)], "corpus is empty: no text in"),
+    ):
+        dm = _dm(tokenizer=tokenizer_path, paths=[corpus], val_paths=val_paths, val_batches=1)
+        with pytest.raises(UserError, match=shown + r".*\(data\.val_paths"):
+            dm.setup()

@@ -92,7 +92,73 @@ def test_key_follows_tokenizer_file_and_format(tmp_path, tokenizer):
     assert key(document_format="line") != first
     stat = os.stat(path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert key() != first
+    assert key() == first  # touched, not changed: the cache is reused
+
+
+def _cached_documents(cache) -> list:
+    docs, shard = [], 0
+    while (reader := cache.open_shard(shard)) is not None:
+        docs += [doc for _, doc in reader.documents(0, 0, 1)]
+        shard += 1
+    return docs
+
+
+def test_cache_follows_contents_of_same_size_and_time(tmp_path, tokenizer_path, tokenizer):
+    """An edit that keeps the file's name, size and modification time still rebuilds."""
+    old, new = ["Alpha beta gamma. Delta epsilon."] * 6, ["Omega sigma gamm. Delta epsilon."] * 6
+    path = tmp_path / "c.txt"
+    write_blank_line(path, old)
+    stat = os.stat(path)
+    first = _dm(tmp_path, tokenizer_path, paths=[str(path)])
+    write_blank_line(path, new)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    second = _dm(tmp_path, tokenizer_path, paths=[str(path)])
+    for dm, docs in ((first, old), (second, new)):
+        expected = [
+            [tokenizer(s, add_special_tokens=False)["input_ids"] for s in split_sentences(d)]
+            for d in docs
+        ]
+        assert _cached_documents(dm.cache) == expected
+    # The same text elsewhere, named relatively from another directory, reuses the cache.
+    (tmp_path / "elsewhere").mkdir()
+    write_blank_line(tmp_path / "elsewhere" / "copy.txt", new)
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path / "elsewhere")
+        third = _dm(tmp_path, tokenizer_path, paths=["copy.txt"])
+    assert third.cache.root == second.cache.root
+
+
+def test_local_dataset_directory_is_keyed_by_contents(tmp_path, tokenizer, hub_dir):
+    spec = StreamSpec(hub_dir, None, None, "train", None)
+    tok_json = plain_backend(tokenizer).to_str()
+    first = token_cache.cache_key(spec, "line", "text", tok_json, 5)
+    path = os.path.join(hub_dir, "train.jsonl")
+    stat = os.stat(path)
+    text = open(path, encoding="utf-8").read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace("river", "RIVER"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    assert token_cache.cache_key(spec, "line", "text", tok_json, 5) != first
+
+
+def test_failed_build_leaves_no_cache(tmp_path, tokenizer, monkeypatch):
+    path = write_blank_line(tmp_path / "c.txt", make_documents(12, seed=2))
+    spec = local_spec([path], "blank_line")
+    cache = token_cache.TokenCache(str(tmp_path / "k"), 5, len(tokenizer))
+
+    def failing(*args):
+        for i, item in enumerate(iter_documents(*args)):
+            if i == 8:  # after the first shard was written
+                raise ValueError("bad record")
+            yield item
+
+    monkeypatch.setattr(token_cache, "iter_documents", failing)
+    with pytest.raises(ValueError, match="bad record"):
+        token_cache.build_cache(cache, spec, "blank_line", "text", plain_backend(tokenizer))
+    assert not os.path.exists(cache.root)
 
 
 def test_concurrent_builds_give_one_cache(tmp_path, tokenizer):

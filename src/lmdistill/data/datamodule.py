@@ -13,12 +13,15 @@ Validation (`val_batches` > 0): a fixed list of batches of held-out text, built 
 every round(1/`val_fraction`)-th, never trained on); `val_dataloader()` gives each rank its share.
 
 Arguments are validated in the constructor where possible and in `setup()` otherwise (tokenizer,
-files, empty corpus); problems raise `UserError` naming the problem and the fix.
+files, empty corpus, training text shorter than one batch per rank); problems raise `UserError`
+naming the problem and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
 
 import lightning as L
@@ -151,6 +154,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self.val_cache: token_cache.TokenCache | None = None
         self._val_batches: list[dict] | None = None  # all ranks' batches, built for _val_world
         self._val_world = 1
+        self._checked_worlds: set[int] = set()  # world sizes whose ranks all get a batch
         self.source = source
         self.tokenizer_name = tokenizer
         self.paths = (
@@ -200,8 +204,9 @@ class PretrainingDataModule(L.LightningDataModule):
         if self.pretokenize:
             self.cache = self._token_cache(spec, tokenizer)
         if self.val_batches and self.val_paths:
-            self.val_spec = local_spec(resolve_paths(self.val_paths), self.document_format)
-            self._check_not_empty(self.val_spec)
+            val_files = resolve_paths(self.val_paths, "data.val_paths")
+            self.val_spec = local_spec(val_files, self.document_format)
+            self._check_not_empty(self.val_spec, "data.val_paths")
             self.val_cache = (
                 self._token_cache(self.val_spec, tokenizer) if self.pretokenize else None
             )
@@ -210,6 +215,31 @@ class PretrainingDataModule(L.LightningDataModule):
         self.spec = spec
         if self.val_batches:  # an empty held-out part fails here, before training
             self._build_validation(self._rank_world()[1])
+        self._check_one_batch(self._rank_world()[1])
+
+    def _check_one_batch(self, world_size: int) -> None:
+        """A UserError unless every rank's training part gives at least one full batch (else an
+        epoch would end without a step, and the next one too, forever; a DDP rank without
+        pairs would leave the others waiting). Checked once per world size: `setup()` may run
+        before the trainer knows its ranks, `train_dataset()` checks again once it does."""
+        if world_size in self._checked_worlds:
+            return
+        for rank in range(world_size):  # reads the cache where it holds the documents
+            stream = self._pair_stream(
+                spec=self.spec, shuffle_buffer=0, seed=self.seed, rank=rank,
+                world_size=world_size, cache=self.cache, holdout=self.holdout,
+            )  # fmt: skip
+            pairs = sum(1 for _ in itertools.islice(stream, self.batch_size))
+            if pairs < self.batch_size:
+                held, fix = "", "add text or lower data.batch_size"
+                if self.holdout:
+                    held = f" (1 document in {self.holdout} held out)"
+                    fix += ", lower data.val_fraction or give data.val_paths"
+                raise UserError(
+                    f"the training text{held} gives {pairs} segment pair(s) on rank {rank} of "
+                    f"{world_size}, fewer than one batch (data.batch_size={self.batch_size}); {fix}"
+                )
+        self._checked_worlds.add(world_size)
 
     def _token_cache(self, spec: StreamSpec, tokenizer) -> token_cache.TokenCache:
         """The keyed cache; local corpora are tokenized into it now (once, under a lock)."""
@@ -229,24 +259,36 @@ class PretrainingDataModule(L.LightningDataModule):
         )
         if spec.data_files is not None:  # local files: tokenized whole now
             try:
-                token_cache.build_cache(cache, spec, self.document_format, self.text_field, backend)
+                with quiet_datasets():
+                    token_cache.build_cache(
+                        cache, spec, self.document_format, self.text_field, backend
+                    )
             except OSError as err:
                 raise UserError(
                     f"cannot write the token cache under {root} ({err.strerror}); set "
                     "data.cache_dir (or paths.cache_dir) to a writable directory, or "
                     "data.pretokenize=false"
                 ) from None
+            except Exception as err:  # noqa: BLE001 - a record the loader cannot read
+                first_line = str(err).splitlines()[0] if str(err) else ""
+                raise UserError(
+                    f"cannot read corpus {', '.join(spec.data_files)} ({type(err).__name__}: "
+                    f"{first_line}); fix or leave out the file with the bad record"
+                ) from None
         return cache
 
-    def _check_not_empty(self, spec: StreamSpec) -> None:
+    def _check_not_empty(self, spec: StreamSpec, setting: str = "data.paths") -> None:
         try:
-            documents = iter_documents(spec, self.document_format, self.text_field)
-            first = next(documents, None)
+            with quiet_datasets():
+                documents = iter_documents(spec, self.document_format, self.text_field)
+                first = next(documents, None)
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - any loader failure is reported the same way
             where = ", ".join(spec.data_files) if spec.data_files else spec.builder
-            fix = "check the files/dataset name, format and data.text_field"
+            fix = "check the files, data.document_format and data.text_field"
+            if not spec.data_files:
+                fix = "check data.hf_path, data.hf_name, data.hf_split and data.text_field"
             if not spec.data_files and _unreachable_hub(err):
                 fix = ("a hub corpus is read from the Hugging Face hub the first time: unset "
                        "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE or connect, or use data=text with "
@@ -258,13 +300,14 @@ class PretrainingDataModule(L.LightningDataModule):
         if first is None:
             where = ", ".join(spec.data_files) if spec.data_files else spec.builder
             raise UserError(
-                f"corpus is empty: no text in {where}; give files with text (data.paths) "
+                f"corpus is empty: no text in {where}; give files with text ({setting}) "
                 "or check data.text_field / data.document_format"
             )
 
     def train_dataset(self, epoch: int = 0) -> SegmentPairStream:
         self.setup()
         rank, world = self._rank_world()
+        self._check_one_batch(world)
         return self._pair_stream(
             spec=self.spec, shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank,
             world_size=world, epoch=epoch, cache=self.cache, holdout=self.holdout,
@@ -273,7 +316,7 @@ class PretrainingDataModule(L.LightningDataModule):
     def _pair_stream(self, **settings) -> SegmentPairStream:
         """Segment pairs of this corpus's tokenizer and format, with the part-specific `settings`."""
         return SegmentPairStream(
-            tokenizer=self.tokenizer_name,
+            tokenizer=os.path.expanduser(self.tokenizer_name),  # as load_tokenizer reads it
             template=self.template,
             document_format=self.document_format,
             text_field=self.text_field,
@@ -281,6 +324,15 @@ class PretrainingDataModule(L.LightningDataModule):
             short_seq_prob=self.short_seq_prob,
             **settings,
         )
+
+    def corpus_record(self) -> dict:
+        """What identifies the training text: its files (absolute; null for a hub corpus) and the
+        token cache key, a hash of their contents, the tokenizer and the format (null without
+        the cache)."""
+        self.setup()
+        files = list(self.spec.data_files) if self.spec.data_files is not None else None
+        key = os.path.basename(self.cache.root) if self.cache is not None else None
+        return {"files": files, "token_cache": key}
 
     @property
     def validates(self) -> bool:
@@ -326,8 +378,21 @@ class PretrainingDataModule(L.LightningDataModule):
         )
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """Silence `datasets`' own log of a file it cannot read: the UserError made of the exception
+    is the one line the user sees."""
+    from datasets.utils import logging as ds_logging
+
+    verbosity = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+
+
 def _unreachable_hub(err: Exception) -> bool:
-    """Whether loading a hub corpus failed for want of the hub (offline mode, no connection)."""
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                  for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))  # fmt: skip
-    return offline or "Offline" in type(err).__name__ or isinstance(err, ConnectionError)
+    """Whether loading a hub corpus failed for want of the hub (offline mode, no connection), not
+    for a wrong config or split of a dataset that was found (locally or in the cache)."""
+    return "Offline" in type(err).__name__ or isinstance(err, ConnectionError)

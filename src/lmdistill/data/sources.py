@@ -20,6 +20,7 @@ Document formats:
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import re
@@ -70,8 +71,9 @@ class StreamSpec:
         return datasets.load_dataset(self.builder, **kwargs)
 
 
-def resolve_paths(paths: list[str] | str) -> list[str]:
-    """Expand files, globs and directories (searched recursively) into a sorted file list."""
+def resolve_paths(paths: list[str] | str, setting: str = "data.paths") -> list[str]:
+    """Expand files, globs and directories (searched recursively) into a sorted file list;
+    `setting` names the option they came from in errors."""
     if isinstance(paths, str):
         paths = [paths]
     files: list[str] = []
@@ -91,14 +93,39 @@ def resolve_paths(paths: list[str] | str) -> list[str]:
         if not found:
             raise UserError(
                 f"data path {pattern!r} matches no file; give existing files, globs or "
-                "directories containing .txt, .jsonl, .json or .parquet files (data.paths=...)"
+                f"directories containing .txt, .jsonl, .json or .parquet files ({setting}=...)"
             )
         files.extend(sorted(os.path.abspath(f) for f in found))
     return list(dict.fromkeys(files))  # keep order, drop duplicates
 
 
+def check_utf8(path: str) -> None:
+    """A UserError naming the file and the first offending byte unless `path` is UTF-8 text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"data file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                    f"offset {offset - pending + err.start}); convert it to UTF-8 (e.g. iconv -f "
+                    "latin1 -t utf-8) or leave it out of the data paths"
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(
+            f"data file {path} is not UTF-8 text (it ends inside a character); convert it to "
+            "UTF-8 or leave it out of the data paths"
+        ) from None
+
+
 def local_spec(files: list[str], document_format: str) -> StreamSpec:
-    """The stream of local files; unknown extensions are read as text."""
+    """The stream of local files; unknown extensions are read as text, which must be UTF-8."""
     builders = {_BUILDERS.get(os.path.splitext(f)[1].lower(), "text") for f in files}
     if len(builders) > 1:
         raise UserError(
@@ -106,6 +133,9 @@ def local_spec(files: list[str], document_format: str) -> StreamSpec:
             "(all .txt, all .jsonl/.json or all .parquet)"
         )
     builder = builders.pop()
+    if builder in ("text", "json"):
+        for f in files:
+            check_utf8(f)
     sample_by = None
     if builder == "text":
         sample_by = "paragraph" if document_format == "blank_line" else "line"

@@ -1,8 +1,9 @@
 """The token cache: sentence token ids of every document, tokenized once, memory-mapped.
 
 Layout under `<cache_dir>/tokens/<key>/` (the key hashes everything that changes the content:
-the tokenizer's full definition, the corpus files' paths, sizes and mtimes or the hub dataset's
-name, the document format and text field, the sentence splitter's source and the shard size):
+the tokenizer's full definition, the corpus files' contents (SHA-256, in order; read once per
+run, about 1 s per GB) or the hub dataset's name, the document format and text field, the
+sentence splitter's source and the shard size):
 
     shard-000000/part-0-of-1/       documents 0 .. SHARD-1 of the stream, those with n % P == p
         tokens.npy                  [T] uint16 (uint32 for vocabularies over 65535) token ids
@@ -11,7 +12,8 @@ name, the document format and text field, the sentence splitter's source and the
         doc_numbers.npy             [D] int64, the documents' numbers in the stream
         meta.json                   end_doc (first document after the shard), the stream position
                                     of end_doc, final (the stream ends in this shard)
-    complete.json                   written last by a full build (local corpora)
+    complete.json                   written last by a full build (local corpora; a build
+                                    that fails removes what it wrote)
 
 A shard is usable when all P parts of one writer count P are present. Local corpora are built
 whole by `build_cache` (one part per shard, under a file lock: one process builds, others wait).
@@ -22,11 +24,12 @@ written to a temporary directory and renamed into place, so readers never see ha
 two writers of the same part (DDP ranks, sweep jobs) cannot corrupt it.
 
 Hub datasets are keyed by path, config and split, not by revision: delete `<cache_dir>/tokens`
-after the dataset changes on the hub. Size: 2 bytes per token (4 above 65535 word pieces) plus
+after the dataset changes on the hub (a local dataset directory is keyed by its files' contents). Size: 2 bytes per token (4 above 65535 word pieces) plus
 8 per sentence, e.g. about 9 GB for English Wikipedia.
 
 `max_seq_length` is not in the key on purpose: sentences are tokenized without truncation, and
-pairs are cut from them when iterating, so one cache serves every sequence length.
+pairs are cut from them when iterating, so one cache serves every sequence length. Nor is the
+validation split (every document is cached) or the pair settings (applied when iterating).
 """
 
 from __future__ import annotations
@@ -56,7 +59,16 @@ Document = list
 
 def _file_digest(path: str) -> str:
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _dir_files(root: str) -> list[str]:
+    """The files under `root`, sorted, hidden files and directories left out."""
+    found = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(top, n) for n in names if not n.startswith(".")]
+    return sorted(found)
 
 
 def cache_key(
@@ -67,10 +79,12 @@ def cache_key(
     shard_documents: int,
 ) -> str:
     """A hash of everything that changes the cached token ids."""
-    if spec.data_files is not None:
-        files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in spec.data_files]
-    else:
-        files = None
+    # contents, not names or times: an edit keeps neither the cache nor its key
+    files = [_file_digest(f) for f in spec.data_files] if spec.data_files is not None else None
+    if files is None and os.path.isdir(spec.builder):  # a local dataset read as a hub one
+        files = [
+            (os.path.relpath(f, spec.builder), _file_digest(f)) for f in _dir_files(spec.builder)
+        ]
     parts = {
         "version": FORMAT_VERSION,
         "spec": [spec.builder, files, spec.name, spec.split, spec.sample_by],
@@ -240,13 +254,17 @@ def build_cache(
                 i += len(doc)
             cache.write_part(shard, 0, 1, docs, end)
 
-        for text, next_position in iter_documents(spec, document_format, text_field):
-            if len(texts) == size:  # document n opens the next shard
-                flush(ShardEnd(n, position, False))
-                texts, shard = [], shard + 1
-            texts.append(text)
-            n, position = n + 1, next_position
-        flush(ShardEnd(n, None, True))
+        try:
+            for text, next_position in iter_documents(spec, document_format, text_field):
+                if len(texts) == size:  # document n opens the next shard
+                    flush(ShardEnd(n, position, False))
+                    texts, shard = [], shard + 1
+                texts.append(text)
+                n, position = n + 1, next_position
+            flush(ShardEnd(n, None, True))
+        except Exception:
+            shutil.rmtree(cache.root, ignore_errors=True)  # no half-built cache is left behind
+            raise
         tmp = cache.root + f".complete-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"documents": n}, f)
