@@ -195,7 +195,7 @@ class PretrainingDataModule(L.LightningDataModule):
         self.template = PairTemplate.from_tokenizer(tokenizer)
         self.pad_token_id = int(tokenizer.pad_token_id)
         if self.source == "text":
-            spec = local_spec(resolve_paths(self.paths), self.document_format)
+            spec = local_spec(resolve_paths(self.paths), self.document_format, self._facts_dir())
         elif self.source == "sample":
             spec = local_spec([ensure_sample_corpus(self.cache_dir)], "blank_line")
         else:
@@ -205,7 +205,7 @@ class PretrainingDataModule(L.LightningDataModule):
             self.cache = self._token_cache(spec, tokenizer)
         if self.val_batches and self.val_paths:
             val_files = resolve_paths(self.val_paths, "data.val_paths")
-            self.val_spec = local_spec(val_files, self.document_format)
+            self.val_spec = local_spec(val_files, self.document_format, self._facts_dir())
             self._check_not_empty(self.val_spec, "data.val_paths")
             self.val_cache = (
                 self._token_cache(self.val_spec, tokenizer) if self.pretokenize else None
@@ -241,6 +241,14 @@ class PretrainingDataModule(L.LightningDataModule):
                 )
         self._checked_worlds.add(world_size)
 
+    def _tokens_root(self) -> str:
+        """`<cache_dir>/tokens`: the token caches."""
+        return os.path.join(os.path.expanduser(self.cache_dir or default_cache_dir()), "tokens")
+
+    def _facts_dir(self) -> str:
+        """Where the corpus files' hashes and UTF-8 checks are remembered (`file_facts`)."""
+        return os.path.join(self._tokens_root(), "file-facts")
+
     def _token_cache(self, spec: StreamSpec, tokenizer) -> token_cache.TokenCache:
         """The keyed cache; local corpora are tokenized into it now (once, under a lock)."""
         backend = plain_backend(tokenizer)
@@ -250,8 +258,9 @@ class PretrainingDataModule(L.LightningDataModule):
             self.text_field,
             backend.to_str(),
             token_cache.SHARD_DOCUMENTS,
+            self._facts_dir(),
         )
-        root = os.path.join(os.path.expanduser(self.cache_dir or default_cache_dir()), "tokens")
+        root = self._tokens_root()
         cache = token_cache.TokenCache(
             os.path.join(root, key),
             token_cache.SHARD_DOCUMENTS,

@@ -20,13 +20,13 @@ Document formats:
 
 from __future__ import annotations
 
-import codecs
 import glob
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from lmdistill.data.file_facts import file_facts
 from lmdistill.errors import UserError
 
 SOURCES = ("text", "hub", "sample")
@@ -99,33 +99,20 @@ def resolve_paths(paths: list[str] | str, setting: str = "data.paths") -> list[s
     return list(dict.fromkeys(files))  # keep order, drop duplicates
 
 
-def check_utf8(path: str) -> None:
-    """A UserError naming the file and the first offending byte unless `path` is UTF-8 text."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:
-                raise UserError(
-                    f"data file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
-                    f"offset {offset - pending + err.start}); convert it to UTF-8 (e.g. iconv -f "
-                    "latin1 -t utf-8) or leave it out of the data paths"
-                ) from None
-            offset += len(chunk)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
+def check_utf8(path: str, memo_dir: str | None = None) -> None:
+    """A UserError naming the file and the first offending byte unless `path` is UTF-8 text
+    (`memo_dir`: where `file_facts` remembers what it read)."""
+    problem = file_facts(path, memo_dir).utf8_problem
+    if problem is not None:
         raise UserError(
-            f"data file {path} is not UTF-8 text (it ends inside a character); convert it to "
-            "UTF-8 or leave it out of the data paths"
-        ) from None
+            f"data file {path} is not UTF-8 text ({problem}); convert it to UTF-8 (e.g. iconv "
+            "-f latin1 -t utf-8) or leave it out of the data paths"
+        )
 
 
-def local_spec(files: list[str], document_format: str) -> StreamSpec:
-    """The stream of local files; unknown extensions are read as text, which must be UTF-8."""
+def local_spec(files: list[str], document_format: str, memo_dir: str | None = None) -> StreamSpec:
+    """The stream of local files; unknown extensions are read as text, which must be UTF-8
+    (`check_utf8`, with `memo_dir`)."""
     builders = {_BUILDERS.get(os.path.splitext(f)[1].lower(), "text") for f in files}
     if len(builders) > 1:
         raise UserError(
@@ -135,7 +122,7 @@ def local_spec(files: list[str], document_format: str) -> StreamSpec:
     builder = builders.pop()
     if builder in ("text", "json"):
         for f in files:
-            check_utf8(f)
+            check_utf8(f, memo_dir)
     sample_by = None
     if builder == "text":
         sample_by = "paragraph" if document_format == "blank_line" else "line"

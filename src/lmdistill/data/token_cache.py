@@ -1,9 +1,10 @@
 """The token cache: sentence token ids of every document, tokenized once, memory-mapped.
 
 Layout under `<cache_dir>/tokens/<key>/` (the key hashes everything that changes the content:
-the tokenizer's full definition, the corpus files' contents (SHA-256, in order; read once per
-run, about 1 s per GB) or the hub dataset's name, the document format and text field, the
-sentence splitter's source and the shard size):
+the tokenizer's full definition, the corpus files' contents (SHA-256, in order; read once and
+remembered by file identity under `<cache_dir>/tokens/file-facts/`: `file_facts`) or the hub
+dataset's name, the document format and text field, the sentence splitter's source and the
+shard size):
 
     shard-000000/part-0-of-1/       documents 0 .. SHARD-1 of the stream, those with n % P == p
         tokens.npy                  [T] uint16 (uint32 for vocabularies over 65535) token ids
@@ -47,6 +48,7 @@ import numpy as np
 
 from lmdistill.data import sentences as _sentences_module
 from lmdistill.data import sources as _sources_module
+from lmdistill.data.file_facts import file_facts
 from lmdistill.data.sentences import split_sentences
 from lmdistill.data.sources import StreamSpec, iter_documents
 
@@ -55,11 +57,6 @@ SHARD_DOCUMENTS = 4096  # documents per shard (the unit that is written and chec
 
 # Sentence token ids of one document: one list of ids per sentence.
 Document = list
-
-
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _dir_files(root: str) -> list[str]:
@@ -77,13 +74,18 @@ def cache_key(
     text_field: str,
     tokenizer_json: str,
     shard_documents: int,
+    memo_dir: str | None = None,
 ) -> str:
-    """A hash of everything that changes the cached token ids."""
+    """A hash of everything that changes the cached token ids (`memo_dir`: where `file_facts`
+    remembers the files' hashes)."""
     # contents, not names or times: an edit keeps neither the cache nor its key
-    files = [_file_digest(f) for f in spec.data_files] if spec.data_files is not None else None
-    if files is None and os.path.isdir(spec.builder):  # a local dataset read as a hub one
+    files = None
+    if spec.data_files is not None:
+        files = [file_facts(f, memo_dir).sha256 for f in spec.data_files]
+    elif os.path.isdir(spec.builder):  # a local dataset read as a hub one
         files = [
-            (os.path.relpath(f, spec.builder), _file_digest(f)) for f in _dir_files(spec.builder)
+            (os.path.relpath(f, spec.builder), file_facts(f, memo_dir).sha256)
+            for f in _dir_files(spec.builder)
         ]
     parts = {
         "version": FORMAT_VERSION,
@@ -91,7 +93,7 @@ def cache_key(
         "document_format": document_format,
         "text_field": text_field,
         "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
-        "code": [_file_digest(_sentences_module.__file__), _file_digest(_sources_module.__file__)],
+        "code": [file_facts(m.__file__).sha256 for m in (_sentences_module, _sources_module)],
         "shard_documents": shard_documents,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
