@@ -70,12 +70,10 @@ def open_job_wandb_run(logger_cfg, run_dir: Path):
     Returns the job's W&B run (None: it logs to none)."""
     if _active_wandb_run() is not None or not logger_cfg:
         return _active_wandb_run()
-    from hydra.utils import instantiate
-
-    for conf in logger_cfg.values():
-        if _logs_to_wandb(conf):
-            latest = Path(run_dir) / "wandb" / "latest-run"
-            run_id = latest.resolve().name.rsplit("-", 1)[-1] if latest.is_dir() else None
-            resume = {"id": run_id, "resume": "allow"} if run_id else {}
-            return instantiate(conf, **resume).experiment  # wandb.init: the job's run from now
-    return None
+    wandb_cfg = {name: conf for name, conf in logger_cfg.items() if _logs_to_wandb(conf)}
+    if not wandb_cfg:
+        return None
+    latest = Path(run_dir) / "wandb" / "latest-run"
+    run_id = latest.resolve().name.rsplit("-", 1)[-1] if latest.is_dir() else None
+    logger, *_ = make_loggers(wandb_cfg, run_id)
+    return logger.experiment  # wandb.init: the job's run from now

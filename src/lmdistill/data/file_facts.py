@@ -32,7 +32,8 @@ def file_facts(path: str, memo_dir: str | None = None) -> FileFacts:
     identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     if memo_dir is None:
         return _read(path)
-    name = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+    real = os.path.realpath(path)
+    name = hashlib.sha256(real.encode()).hexdigest()[:32]
     memo = os.path.join(memo_dir, f"{name}.json")
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         with open(memo, encoding="utf-8") as f:
@@ -44,7 +45,7 @@ def file_facts(path: str, memo_dir: str | None = None) -> FileFacts:
         os.makedirs(memo_dir, exist_ok=True)
         tmp = f"{memo}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"path": os.path.realpath(path), "identity": identity, **facts._asdict()}, f)
+            json.dump({"path": real, "identity": identity, **facts._asdict()}, f)
         os.replace(tmp, memo)  # readers see the old memo or the new one, never half of one
     return facts
 
